@@ -1,0 +1,318 @@
+"""One typed configuration for the siamese core, with presets and validation.
+
+Every section is a frozen dataclass that validates itself on construction, so a
+bad value fails where it is written, not deep inside a training loop. The
+workflows compose these sections with their own (storage, tracking, cluster)
+and override them from the command line via :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+INIT_SCHEMES: tuple[str, ...] = ("paper", "kaiming")
+"""Weight initialisations a ModelConfig may name (``ModelConfig.init``)."""
+
+LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "fc", "head")
+"""The network's layers, in order; per-layer optimizer settings use these names."""
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says what to fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the twin network. ``koch`` is the published network."""
+
+    preset: str = "koch"
+    input_size: int = 105
+    channels: tuple[int, int, int, int] = (64, 128, 128, 256)
+    kernels: tuple[int, int, int, int] = (10, 7, 4, 4)
+    embedding_dim: int = 4096
+    init: str = "paper"
+    """Weight initialisation: "paper" (Koch's stds, see ``model.init_paper_weights``)
+    or "kaiming" (He-normal convs, 1/sqrt(fan_in) fc; see ``model.init_kaiming_weights``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "kernels", tuple(int(k) for k in self.kernels))
+        _require(len(self.channels) == 4, f"model.channels needs 4 values, got {self.channels}")
+        _require(len(self.kernels) == 4, f"model.kernels needs 4 values, got {self.kernels}")
+        _require(all(c > 0 for c in self.channels), f"model.channels must be positive, got {self.channels}")
+        _require(all(k > 0 for k in self.kernels), f"model.kernels must be positive, got {self.kernels}")
+        _require(self.embedding_dim > 0, f"model.embedding_dim must be positive, got {self.embedding_dim}")
+        _require(self.init in INIT_SCHEMES, f"model.init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        _require(self.feature_map_size() >= 1,
+                 f"model.input_size={self.input_size} is too small for kernels {self.kernels}")
+
+    def feature_map_size(self) -> int:
+        """Side of the last convolution's output (6 for the paper's 105x105 input)."""
+        size = self.input_size
+        for i, k in enumerate(self.kernels):
+            size = size - k + 1
+            if i < 3:
+                size //= 2
+        return size
+
+    @staticmethod
+    def from_preset(name: str, **overrides: Any) -> "ModelConfig":
+        """The named preset, with any field overridden."""
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Koch et al. 2015, exactly: 38,951,745 parameters at 105x105.
+    "koch": ModelConfig(preset="koch"),
+    # Same design, small enough to train in minutes on 2 CPU cores: 35x35 input
+    # (105 / 3), a quarter of the channels, 2x2x64 = 256 features, 83,233
+    # parameters; ~1,000 pairs/s per training step on 2 cores
+    # (benchmarks/bench_model_presets.py; 52x52 inputs ran at ~330 pairs/s).
+    "cpu-small": ModelConfig(preset="cpu-small", input_size=35, channels=(16, 32, 32, 64),
+                             kernels=(3, 3, 2, 2), embedding_dim=256),
+}
+
+
+def _per_layer(name: str, values: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(values) - set(LAYER_NAMES))
+    _require(not unknown, f"optim.{name} has unknown layers {unknown}; layers are {list(LAYER_NAMES)}")
+    return {k: float(v) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The paper's layer-wise SGD: per-layer rate, momentum ramp, L2 and decay.
+
+    Each per-layer value is ``default * multiplier`` (learning rate) or an
+    explicit override (momentum, L2); missing layers use the scalar default, so
+    Tune can search either a base rate or each layer independently.
+    """
+
+    lr: float = 0.01
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    momentum_start: float = 0.5
+    momentum: float = 0.9
+    momentum_per_layer: Mapping[str, float] = field(default_factory=dict)
+    momentum_ramp_epochs: int = 10
+    weight_decay: float = 2e-4
+    weight_decay_per_layer: Mapping[str, float] = field(default_factory=dict)
+    lr_decay: float = 0.99
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_multipliers", _per_layer("lr_multipliers", self.lr_multipliers))
+        object.__setattr__(self, "momentum_per_layer", _per_layer("momentum_per_layer", self.momentum_per_layer))
+        object.__setattr__(self, "weight_decay_per_layer",
+                           _per_layer("weight_decay_per_layer", self.weight_decay_per_layer))
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(all(m > 0 for m in self.lr_multipliers.values()), "optim.lr_multipliers must be positive")
+        for name, value in [("momentum_start", self.momentum_start), ("momentum", self.momentum),
+                            *[(f"momentum_per_layer.{k}", v) for k, v in self.momentum_per_layer.items()]]:
+            _require(0.0 <= value < 1.0, f"optim.{name} must be in [0, 1), got {value}")
+        for name, value in [("weight_decay", self.weight_decay),
+                            *[(f"weight_decay_per_layer.{k}", v) for k, v in self.weight_decay_per_layer.items()]]:
+            _require(value >= 0.0, f"optim.{name} must be >= 0, got {value}")
+        _require(self.momentum_ramp_epochs >= 1, "optim.momentum_ramp_epochs must be >= 1")
+        _require(0.0 < self.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {self.lr_decay}")
+
+    def layer_lr(self, layer: str) -> float:
+        return self.lr * self.lr_multipliers.get(layer, 1.0)
+
+    def layer_momentum(self, layer: str) -> float:
+        return self.momentum_per_layer.get(layer, self.momentum)
+
+    def layer_weight_decay(self, layer: str) -> float:
+        return self.weight_decay_per_layer.get(layer, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class DistortionConfig:
+    """The paper's affine distortions; each component applies with ``probability``."""
+
+    rotation_deg: float = 10.0
+    shear: float = 0.3
+    scale_min: float = 0.8
+    scale_max: float = 1.2
+    translate_px: float = 2.0
+    probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.rotation_deg <= 180.0, f"distort.rotation_deg must be in [0, 180], got {self.rotation_deg}")
+        _require(0.0 <= self.shear < 1.0, f"distort.shear must be in [0, 1), got {self.shear}")
+        _require(0.0 < self.scale_min <= 1.0 <= self.scale_max,
+                 f"distort scale range must satisfy 0 < scale_min <= 1 <= scale_max, got "
+                 f"[{self.scale_min}, {self.scale_max}]")
+        _require(self.translate_px >= 0.0, f"distort.translate_px must be >= 0, got {self.translate_px}")
+        _require(0.0 <= self.probability <= 1.0, f"distort.probability must be in [0, 1], got {self.probability}")
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Same/different pair sampling, as in the paper's 30k/90k/150k sets."""
+
+    pairs_per_epoch: int = 30_000
+    distorted_copies: int = 8
+    same_fraction: float = 0.5
+    drawers: tuple[int, ...] = tuple(range(1, 13))
+    """Drawers whose images may be used for training pairs (Koch used 12 of 20)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "drawers", tuple(int(d) for d in self.drawers))
+        _require(self.pairs_per_epoch >= 2, f"pairs.pairs_per_epoch must be >= 2, got {self.pairs_per_epoch}")
+        _require(self.distorted_copies >= 0, f"pairs.distorted_copies must be >= 0, got {self.distorted_copies}")
+        _require(0.0 < self.same_fraction < 1.0, f"pairs.same_fraction must be in (0, 1), got {self.same_fraction}")
+        _require(len(self.drawers) >= 2, "pairs.drawers needs at least 2 drawers to form 'same' pairs")
+
+
+@dataclass(frozen=True)
+class OneShotConfig:
+    """N-way one-shot trials within one alphabet (Lake's protocol: 20-way, 2 runs)."""
+
+    n_way: int = 20
+    runs_per_alphabet: int = 2
+    queries_per_run: int | None = None
+    """Queries per run (default ``n_way``). Koch's 320 validation trials over 10
+    alphabets are 20-way runs with 16 queries each: ``VALIDATION_ONESHOT``."""
+
+    def __post_init__(self) -> None:
+        _require(self.n_way >= 2, f"oneshot.n_way must be >= 2, got {self.n_way}")
+        _require(self.queries_per_run is None or 1 <= self.queries_per_run <= self.n_way,
+                 f"oneshot.queries_per_run must be in [1, n_way={self.n_way}], got {self.queries_per_run}")
+        _require(self.runs_per_alphabet >= 1, f"oneshot.runs_per_alphabet must be >= 1, got {self.runs_per_alphabet}")
+
+
+TEST_ONESHOT = OneShotConfig()
+"""Lake's protocol on the 10 test alphabets: 20-way, 2 runs each, 400 trials."""
+
+VALIDATION_ONESHOT = OneShotConfig(queries_per_run=16)
+"""Koch's 320 validation trials: 10 alphabets x 2 runs x 16 queries, still 20-way."""
+
+
+def apply_overrides(config: Any, overrides: Mapping[str, Any], _prefix: str = "") -> Any:
+    """Return ``config`` with dotted keys (``"optim.lr"``) replaced; unknown keys fail.
+
+    Values are coerced to the annotated type of the field they replace, so
+    strings from a command line (``"0.01"``, ``"64,128,128,256"``, ``"none"``) work.
+    """
+    grouped: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            where = f" in section {_prefix.rstrip('.')!r}" if _prefix else ""
+            raise ConfigError(f"unknown config key {_prefix + key!r}; known keys{where}: {sorted(names)}")
+        if rest:
+            grouped.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = _coerce(hints[head], value, _prefix + key)
+    for head, sub in grouped.items():
+        current = getattr(config, head)
+        if dataclasses.is_dataclass(current):
+            direct[head] = apply_overrides(current, sub, f"{_prefix}{head}.")
+        elif isinstance(current, Mapping):
+            direct[head] = {**current, **{k: _coerce(float, v, f"{_prefix}{head}.{k}") for k, v in sub.items()}}
+        else:
+            raise ConfigError(f"config key {_prefix + head!r} has no sub-keys (got {sorted(sub)})")
+    return dataclasses.replace(config, **direct)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    """``value`` (often a command-line string) as the annotated type ``kind``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            if type(None) in args:
+                return None
+        kinds = [a for a in args if a is not type(None)]
+        return _coerce(kinds[0], value, key) if len(kinds) == 1 else value
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                return value.lower() in {"true", "1", "yes"}
+            return bool(value)
+        if kind in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = kind(value)
+            if kind is int and isinstance(value, float) and number != value:
+                raise ValueError(value)
+            return number
+        if kind is str:
+            return str(value)
+        if origin is tuple:
+            item = args[0] if args else float
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(_coerce(item, v.strip() if isinstance(v, str) else v, key)
+                         for v in items if not (isinstance(v, str) and not v.strip()))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {key!r}: cannot read {value!r} as {kind}") from exc
+    if isinstance(value, str) and dataclasses.is_dataclass(kind):
+        raise ConfigError(f"config key {key!r} is a section; set its keys, e.g. {key}.<name>=...")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How long and how one run trains (the paper: at most 200 epochs, patience 20, batch 128)."""
+
+    epochs: int = 200
+    patience: int = 20
+    batch_size: int = 128
+    seed: int = 0
+    time_budget_s: float | None = None
+    """Wall-clock budget for training and per-epoch validation; no epoch starts that would overrun it."""
+    negatives: str = "same_alphabet"
+    """'same_alphabet' (paper-like hard negatives) or 'any'."""
+    fan_in_scaled: bool = True
+    """Scale the paper's init stds by fan-in (see ``model.init_paper_weights``)."""
+    threads: int | None = None
+    """``torch.set_num_threads`` for CPU runs (None: leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"training.epochs must be >= 1, got {self.epochs}")
+        _require(self.patience >= 1, f"training.patience must be >= 1, got {self.patience}")
+        _require(self.batch_size >= 1, f"training.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.time_budget_s is None or self.time_budget_s > 0,
+                 f"training.time_budget_s must be positive, got {self.time_budget_s}")
+        _require(self.negatives in ("same_alphabet", "any"),
+                 f"training.negatives must be 'same_alphabet' or 'any', got {self.negatives!r}")
+        _require(self.threads is None or self.threads >= 1, f"training.threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """Everything one training run needs besides data: model, optimizer, pairs, distortions, loop."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distort: DistortionConfig = field(default_factory=DistortionConfig)
+    pairs: PairConfig = field(default_factory=PairConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+DEMO_DEFAULTS = TrainingRecipe(
+    model=MODEL_PRESETS["cpu-small"],
+    optim=OptimizerConfig(lr=0.005, momentum=0.9, momentum_ramp_epochs=5, weight_decay=2e-4),
+    distort=DistortionConfig(),
+    pairs=PairConfig(pairs_per_epoch=10_000, distorted_copies=1),
+    training=TrainingConfig(epochs=200, patience=20, batch_size=128, seed=0, time_budget_s=480.0, threads=2),
+)
+"""The CPU demo's recipe (cpu-small preset); ``make demo`` reads these values.
+Chosen on validation one-shot accuracy only (benchmarks/cpu_demo_search.py). Measured
+on 2 shared cores: 16 epochs in 480 s, val 39% (320 trials), test 35% (400 trials),
+still improving when the budget ran out. The paper's init saturates the sigmoid fc
+layer (features nearly constant across images), which makes early training slow."""

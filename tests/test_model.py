@@ -1,0 +1,137 @@
+"""The twin network: exact paper shapes and size, heads, init, channels_last."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from siamese_core.config import LAYER_NAMES, ModelConfig
+from siamese_core.model import SiameseNet, build_model, init_paper_weights, layer_shapes, parameter_count
+
+
+@pytest.fixture(scope="module")
+def koch() -> SiameseNet:
+    return build_model("koch", seed=0)
+
+
+@pytest.fixture()
+def small() -> SiameseNet:
+    return build_model("cpu-small", seed=0)
+
+
+def test_koch_parameter_count_matches_paper(koch: SiameseNet) -> None:
+    assert parameter_count(koch) == 38_951_745
+
+
+def test_koch_layer_shapes_match_paper(koch: SiameseNet) -> None:
+    shapes = layer_shapes(koch)
+    assert shapes["conv1"] == (64, 48, 48)
+    assert shapes["conv2"] == (128, 21, 21)
+    assert shapes["conv3"] == (128, 9, 9)
+    assert shapes["conv4"] == (256, 6, 6)
+    assert koch.flat_dim == 9216
+    assert koch.fc.weight.shape == (4096, 9216)
+    assert koch.head.weight.shape == (1, 4096)
+
+
+def test_default_is_koch() -> None:
+    assert SiameseNet().config == ModelConfig.from_preset("koch")
+    assert build_model().config.preset == "koch"
+
+
+def test_layer_names_match_config(small: SiameseNet) -> None:
+    for name in LAYER_NAMES:
+        assert isinstance(getattr(small, name), torch.nn.Module)
+    top = {n.split(".")[0] for n, _ in small.named_parameters()}
+    assert top == set(LAYER_NAMES)
+
+
+def test_forward_shapes_and_similarity_range(small: SiameseNet) -> None:
+    s = small.config.input_size
+    x1, x2 = torch.rand(5, 1, s, s), torch.rand(5, 1, s, s)
+    h = small.embed(x1)
+    assert h.shape == (5, small.config.embedding_dim)
+    assert ((h >= 0) & (h <= 1)).all()  # sigmoid embedding (float32 may round to 0 or 1)
+    logits = small(x1, x2)
+    assert logits.shape == (5,)
+    p = small.similarity(x1, x2)
+    assert torch.allclose(p, torch.sigmoid(logits))
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_forward_equals_embed_then_head_and_is_symmetric(small: SiameseNet) -> None:
+    s = small.config.input_size
+    x1, x2 = torch.rand(4, 1, s, s), torch.rand(4, 1, s, s)
+    expected = small.head_logits(small.embed(x1), small.embed(x2))
+    assert torch.allclose(small(x1, x2), expected, atol=1e-5)
+    assert torch.allclose(small(x1, x2), small(x2, x1), atol=1e-5)
+    # head is a weighted L1: alpha . |h1 - h2| + b
+    h1, h2 = small.embed(x1), small.embed(x2)
+    manual = (h1 - h2).abs() @ small.head.weight[0] + small.head.bias[0]
+    assert torch.allclose(small.head_logits(h1, h2), manual, atol=1e-5)
+
+
+def test_pairwise_logits_matches_pair_by_pair(small: SiameseNet) -> None:
+    s = small.config.input_size
+    q, sup = torch.rand(3, 1, s, s), torch.rand(5, 1, s, s)
+    hq, hs = small.embed(q), small.embed(sup)
+    grid = small.pairwise_logits(hq, hs)
+    assert grid.shape == (3, 5)
+    for i in range(3):
+        for j in range(5):
+            assert torch.allclose(grid[i, j], small.head_logits(hq[i:i + 1], hs[j:j + 1])[0], atol=1e-5)
+    # chunking must not change the answer
+    assert torch.allclose(small.pairwise_logits(hq, hs, max_elements=1), grid)
+
+
+def test_paper_init_statistics(koch: SiameseNet) -> None:
+    for name in ("conv1", "conv2", "conv3", "conv4"):
+        w = getattr(koch, name).weight
+        assert abs(w.mean().item()) < 2e-3
+        assert w.std().item() == pytest.approx(1e-2, rel=0.1)
+    assert koch.fc.weight.std().item() == pytest.approx(0.2, rel=0.02)
+    assert koch.head.weight.std().item() == pytest.approx(0.2, rel=0.1)
+    biases = torch.cat([getattr(koch, name).bias.detach().view(-1) for name in LAYER_NAMES])
+    assert biases.mean().item() == pytest.approx(0.5, abs=1e-3)
+    assert biases.std().item() == pytest.approx(1e-2, rel=0.1)
+    assert (biases - 0.5).abs().max().item() < 0.1
+
+
+def test_init_is_seeded() -> None:
+    a, b, c = (build_model("cpu-small", seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.fc.weight, b.fc.weight)
+    assert not torch.equal(a.fc.weight, c.fc.weight)
+    g = torch.Generator().manual_seed(1)
+    d = init_paper_weights(SiameseNet(ModelConfig.from_preset("cpu-small")), g)
+    assert torch.equal(d.conv1.weight, a.conv1.weight)
+
+
+def test_channels_last_gives_same_outputs(small: SiameseNet) -> None:
+    s = small.config.input_size
+    x1, x2 = torch.rand(3, 1, s, s), torch.rand(3, 1, s, s)
+    expected = small(x1, x2)
+    cl = build_model("cpu-small", seed=0).to(memory_format=torch.channels_last)
+    assert cl.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(cl.embed(x1), small.embed(x1), atol=1e-5)
+    assert torch.allclose(cl(x1, x2), expected, atol=1e-4)
+
+
+def test_custom_config_and_too_small_input() -> None:
+    cfg = ModelConfig(preset="t", input_size=40, channels=(4, 8, 8, 16), kernels=(5, 3, 3, 2), embedding_dim=32)
+    m = build_model(cfg)
+    assert m(torch.rand(2, 1, 40, 40), torch.rand(2, 1, 40, 40)).shape == (2,)
+    with pytest.raises(ValueError):
+        ModelConfig(input_size=20)
+
+
+def test_fan_in_scaled_init_is_the_paper_init_for_koch_and_keeps_gain_for_small() -> None:
+    from siamese_core.model import _fan_ins
+    koch_cfg, small_cfg = ModelConfig.from_preset("koch"), ModelConfig.from_preset("cpu-small")
+    assert _fan_ins(koch_cfg) == {"conv1": 100, "conv2": 3136, "conv3": 2048, "conv4": 2048,
+                                  "fc": 9216, "head": 4096}
+    small = build_model(small_cfg, seed=0)
+    fans = _fan_ins(small_cfg)
+    expected = 2e-1 * (9216 / fans["fc"]) ** 0.5
+    assert small.fc.weight.std().item() == pytest.approx(expected, rel=0.05)
+    literal = init_paper_weights(SiameseNet(small_cfg), torch.Generator().manual_seed(0), fan_in_scaled=False)
+    assert literal.fc.weight.std().item() == pytest.approx(0.2, rel=0.05)

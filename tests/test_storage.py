@@ -1,0 +1,222 @@
+"""Storage URIs, S3 error reporting against a real (moto) S3 server, and verified downloads."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from s3_server import closed_port
+from workflows import download, storage
+from workflows.storage import StorageError
+
+# --------------------------------------------------------------------------- resolve
+
+
+def test_resolve_local_paths(tmp_path: Path) -> None:
+    fs, path = storage.resolve(str(tmp_path / "a" / ".." / "b"))
+    assert isinstance(fs, pafs.LocalFileSystem)
+    assert path == str(tmp_path / "b")
+    fs, path = storage.resolve(f"file://{tmp_path}/c")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "c")
+
+
+def test_resolve_s3_endpoint_from_option_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://objects.example:9443")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    fs, path = storage.resolve("s3://my-bucket/some/prefix/")
+    assert isinstance(fs, pafs.S3FileSystem)
+    assert path == "my-bucket/some/prefix"
+    assert storage.endpoint_of(fs) == "https://objects.example:9443"
+    fs, _ = storage.resolve("s3://my-bucket/x", endpoint_url="http://127.0.0.1:9000")
+    assert storage.endpoint_of(fs) == "http://127.0.0.1:9000"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://10.0.0.1:1234")
+    fs, _ = storage.resolve("s3://my-bucket/x")
+    assert storage.endpoint_of(fs) == "http://10.0.0.1:1234"
+    assert storage.s3_options(fs)["access_key"] == "AKIDEXAMPLE"
+    assert "secret_key" not in storage.s3_options(fs)
+    assert os.environ["AWS_EC2_METADATA_DISABLED"] == "true"
+
+
+@pytest.mark.parametrize("uri", ["s3://ab/x", "gs://bucket/x", "s3://my-bucket/x?endpoint=ftp://h"])
+def test_resolve_rejects_bad_uris(uri: str) -> None:
+    with pytest.raises(StorageError):
+        storage.resolve(uri, endpoint_url="ftp://host:1" if "endpoint" in uri else None)
+
+
+def test_local_checks_and_json(tmp_path: Path) -> None:
+    fs, path = storage.resolve(str(tmp_path / "new" / "dir"))
+    storage.check_writable(fs, path, "somewhere")  # creates the directory, leaves no probe
+    assert storage.list_files(fs, path) == []
+    storage.write_json(fs, f"{path}/m.json", {"a": 1})
+    assert storage.read_json(fs, f"{path}/m.json") == {"a": 1}
+    assert sorted(os.listdir(tmp_path / "new" / "dir")) == ["m.json"]  # no temporary left behind
+    (tmp_path / "file").write_text("x")
+    fs, path = storage.resolve(str(tmp_path / "file"))
+    with pytest.raises(StorageError, match="is a file"):
+        storage.check_writable(fs, path, str(tmp_path / "file"))
+
+
+# --------------------------------------------------------------------------- S3 errors
+
+
+@pytest.mark.integration
+def test_s3_writable_and_readable(s3_env) -> None:
+    bucket = s3_env.create_bucket()
+    uri = f"s3://{bucket}/data"
+    fs, path = storage.resolve(uri, endpoint_url=s3_env.endpoint_url)
+    storage.check_writable(fs, path, uri)
+    storage.write_json(fs, f"{path}/x.json", {"ok": True})
+    storage.check_readable(fs, path, uri)
+    assert storage.read_json(fs, f"{path}/x.json") == {"ok": True}
+    # The write probe was removed (pyarrow may leave an empty "data/" directory marker).
+    assert [k for k in s3_env.keys(bucket) if not k.endswith("/")] == ["data/x.json"]
+
+
+@pytest.mark.integration
+def test_s3_missing_bucket(s3_env) -> None:
+    uri = "s3://no-such-bucket-here/data"
+    fs, path = storage.resolve(uri, endpoint_url=s3_env.endpoint_url)
+    with pytest.raises(StorageError) as err:
+        storage.check_writable(fs, path, uri)
+    assert uri in str(err.value) and "does not exist" in str(err.value)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("which", ["secret", "key-id"])
+def test_s3_bad_credentials(s3_env, monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    bucket = s3_env.create_bucket()
+    uri = f"s3://{bucket}/data"
+    if which == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_env.secret_key[:-4] + "XXXX")
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAUNKNOWNKEY000000")
+    fs, path = storage.resolve(uri, endpoint_url=s3_env.endpoint_url)
+    with pytest.raises(StorageError) as err:
+        storage.check_writable(fs, path, uri)
+    assert uri in str(err.value) and "AWS_SECRET_ACCESS_KEY" in str(err.value)
+    assert s3_env.keys(bucket) == []
+
+
+@pytest.mark.integration
+def test_s3_unreachable_endpoint_fails_fast(s3_env) -> None:
+    uri = "s3://omniglot/data"
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    fs, path = storage.resolve(uri, endpoint_url=endpoint)
+    start = time.time()
+    with pytest.raises(StorageError) as err:
+        storage.check_writable(fs, path, uri)
+    assert time.time() - start < 15
+    assert uri in str(err.value) and "cannot reach" in str(err.value)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep test output clean
+        pass
+
+
+@pytest.fixture
+def http_dir(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving a temporary folder; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/omniglot/python"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _serve_real_archives(root: Path, omniglot_dir: Path) -> None:
+    target = root / "omniglot" / "python"
+    target.mkdir(parents=True)
+    for name in download.ARCHIVE_FILES:
+        shutil.copy(omniglot_dir / name, target / name)
+
+
+def test_checksum_parsing(tmp_path: Path) -> None:
+    assert download.parse_checksum_option("images_background=sha256:" + "a" * 64) == \
+        ("images_background.zip", "sha256:" + "a" * 64)
+    assert download.normalize_checksum("B" * 32) == "md5:" + "b" * 32
+    with pytest.raises(download.DownloadError):
+        download.parse_checksum_option("images_background.zip")
+    with pytest.raises(download.DownloadError):
+        download.normalize_checksum("sha256:xyz")
+    sums = tmp_path / "SUMS"
+    sums.write_text(f"{'c' * 64}  images_background.zip\n{'d' * 64} *images_evaluation.zip\n")
+    assert download.read_checksum_file(sums) == {"images_background.zip": "sha256:" + "c" * 64,
+                                                 "images_evaluation.zip": "sha256:" + "d" * 64}
+
+
+def test_official_checksums_are_torchvisions() -> None:
+    assert download.OFFICIAL_BASE_URL == "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
+    assert download.OFFICIAL_CHECKSUMS == {"images_background.zip": "md5:68d2efa1b9178cc56df9314c21c6e718",
+                                           "images_evaluation.zip": "md5:6b91aef0f799c5bb55b94e3f2daec811"}
+
+
+def test_download_verified_and_cached(http_dir, omniglot_dir: Path, tmp_path: Path) -> None:
+    root, base = http_dir
+    _serve_real_archives(root, omniglot_dir)
+    cache = tmp_path / "cache"
+    sums = download.read_checksum_file(omniglot_dir / "SHA256SUMS")
+    folder = download.fetch_archives(base, cache, {k: v for k, v in sums.items() if k.endswith(".zip")},
+                                     log=lambda m: None)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(download.ARCHIVE_FILES)
+    for name in download.ARCHIVE_FILES:
+        assert (folder / name).read_bytes() == (omniglot_dir / name).read_bytes()
+    # Cached copies are verified and reused without the server.
+    shutil.rmtree(root / "omniglot")
+    messages: list[str] = []
+    download.fetch_archives(base, cache, sums_only_zips(sums), log=messages.append)
+    assert all("cached copy verified" in m for m in messages)
+
+
+def sums_only_zips(sums: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in sums.items() if k.endswith(".zip")}
+
+
+def test_download_checksum_mismatch_leaves_nothing(http_dir, omniglot_dir: Path, tmp_path: Path) -> None:
+    """The local archives are rebuilt, so the official MD5s must reject them."""
+    root, base = http_dir
+    _serve_real_archives(root, omniglot_dir)
+    cache = tmp_path / "cache"
+    with pytest.raises(download.DownloadError) as err:
+        download.fetch_archives(base, cache, log=lambda m: None)
+    message = str(err.value)
+    url = f"{base}/images_background.zip"
+    actual = hashlib.md5((omniglot_dir / "images_background.zip").read_bytes()).hexdigest()
+    assert url in message
+    assert "68d2efa1b9178cc56df9314c21c6e718" in message and actual in message
+    assert list(cache.iterdir()) == []  # no archive, no partial file
+
+
+def test_download_http_error_names_url(http_dir, tmp_path: Path) -> None:
+    _, base = http_dir
+    with pytest.raises(download.DownloadError) as err:
+        download.fetch_archives(base, tmp_path / "cache", log=lambda m: None)
+    assert f"{base}/images_background.zip" in str(err.value) and "404" in str(err.value)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_download_unreachable_names_url(tmp_path: Path) -> None:
+    base = f"http://127.0.0.1:{closed_port()}/omniglot"
+    with pytest.raises(download.DownloadError) as err:
+        download.fetch_archives(base, tmp_path / "cache", timeout=5, log=lambda m: None)
+    assert f"{base}/images_background.zip" in str(err.value)

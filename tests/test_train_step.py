@@ -1,0 +1,107 @@
+"""Training and scoring steps on a tiny separable problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
+from siamese_core.model import build_model
+from siamese_core.optim import build_optimizer
+from siamese_core.train_step import predict_logits, to_model_input, train_step, verification_accuracy
+
+TINY = ModelConfig(preset="tiny", input_size=28, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2), embedding_dim=32)
+
+
+def separable_pairs(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two 'classes': a horizontal bar or a vertical bar at a random position.
+
+    A pair is 'same' when both images show the same orientation.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(kind: torch.Tensor) -> torch.Tensor:
+        x = torch.zeros(n, 1, size, size)
+        pos = torch.randint(4, size - 4, (n,), generator=g)
+        for i in range(n):  # test data only; the library itself has no per-image loops
+            p = int(pos[i])
+            if kind[i]:
+                x[i, 0, p - 1:p + 1, 3:size - 3] = 1.0
+            else:
+                x[i, 0, 3:size - 3, p - 1:p + 1] = 1.0
+        return x
+
+    a = torch.rand(n, generator=g) < 0.5
+    same = torch.rand(n, generator=g) < 0.5
+    b = torch.where(same, a, ~a)
+    return draw(a), draw(b), same.float()
+
+
+@pytest.mark.parametrize("config,steps", [(TINY, 80), ("cpu-small", 40)], ids=["tiny", "cpu-small"])
+def test_training_lowers_loss_and_learns(config, steps: int) -> None:
+    model = build_model(config, seed=0)
+    size = model.config.input_size
+    left, right, same = separable_pairs(64, size, seed=1)
+    vl, vr, vs = separable_pairs(128, size, seed=2)
+    opt = build_optimizer(model, OptimizerConfig(lr=0.01, momentum_start=0.5, weight_decay=0.0))
+    g = torch.Generator().manual_seed(3)
+    first_loss = train_step(model, opt, left, right, same, None, None, g)
+    losses = [train_step(model, opt, left, right, same, None, None, g) for _ in range(steps)]
+    assert sum(losses[-5:]) / 5 < 0.8 * first_loss
+    assert verification_accuracy(model, vl, vr, vs) > 0.65  # held-out pairs; chance is 0.5
+
+
+def test_distorted_training_step_runs_and_is_seeded() -> None:
+    size = TINY.input_size
+    left, right, same = separable_pairs(16, size, seed=4)
+    mask = torch.arange(16) % 2 == 0
+    losses = []
+    for _ in range(2):
+        model = build_model(TINY, seed=0)
+        opt = build_optimizer(model, OptimizerConfig(lr=0.05))
+        g = torch.Generator().manual_seed(5)
+        losses.append([train_step(model, opt, left, right, same, mask, DistortionConfig(probability=1.0), g)
+                       for _ in range(3)])
+    assert losses[0] == losses[1]
+    assert all(torch.isfinite(torch.tensor(losses[0])))
+
+
+def test_step_changes_every_layer() -> None:
+    model = build_model(TINY, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = build_optimizer(model, OptimizerConfig(lr=0.1))
+    left, right, same = separable_pairs(16, TINY.input_size, seed=6)
+    train_step(model, opt, left, right, same)
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n
+
+
+def test_bf16_autocast_step() -> None:
+    model = build_model(TINY, seed=0)
+    opt = build_optimizer(model, OptimizerConfig(lr=0.05))
+    left, right, same = separable_pairs(16, TINY.input_size, seed=7)
+    loss = train_step(model, opt, left, right, same, autocast_dtype=torch.bfloat16)
+    assert 0.0 < loss < 10.0
+    assert model.fc.weight.dtype == torch.float32  # autocast leaves master weights in fp32
+
+
+def test_verification_accuracy_threshold_and_mode() -> None:
+    model = build_model(TINY, seed=0)
+    left, right, same = separable_pairs(10, TINY.input_size, seed=8)
+    logits = predict_logits(model, left, right, batch_size=3)
+    assert logits.shape == (10,)
+    expected = ((logits > 0).float() == same).float().mean().item()
+    assert verification_accuracy(model, left, right, same, batch_size=4) == pytest.approx(expected)
+    # forcing the head's bias flips every decision
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(5.0)
+    assert verification_accuracy(model, left, right, same) == pytest.approx(same.mean().item())
+    assert model.training  # restored after evaluation
+
+
+def test_uint8_inputs_are_scaled() -> None:
+    x = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)
+    out = to_model_input(x, torch.device("cpu"))
+    assert out.shape == (1, 1, 2, 2) and out.dtype == torch.float32
+    assert out.max().item() == 1.0 and out.min().item() == 0.0

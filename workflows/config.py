@@ -1,0 +1,206 @@
+"""The job configuration: the core's training recipe plus data, cluster and tracking.
+
+One typed place for everything a run reads. Values come, in order, from a
+named recipe (``demo`` for the CPU preset, ``paper`` for Koch's network), an
+optional YAML/JSON file, and ``--set section.key=value`` flags; an unknown key
+or a bad value fails before any cluster resource is requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from siamese_core.config import (DEMO_DEFAULTS, MODEL_PRESETS, ConfigError, DistortionConfig,
+                                 ModelConfig, OptimizerConfig, PairConfig, TrainingConfig,
+                                 TrainingRecipe, _require, apply_overrides)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Where the shards are and how the pair stage runs."""
+
+    uri: str = "./data/omniglot-shards"
+    endpoint_url: str | None = None
+    pair_stage_cpus: float = 0.5
+    """CPUs per pair-stage task: a fraction, so the stage always finds a slot beside the workers."""
+    pair_stage_concurrency: int = 1
+    read_cpus: float = 0.25
+    """CPUs per Parquet read task (fractional for the same reason)."""
+    shuffle_buffer_pairs: int = 4096
+    """Local shuffle buffer on each worker: mixes alphabets across a bounded window of shards."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.uri), "data.uri must name the shards written by workflows.ingest")
+        _require(self.pair_stage_cpus > 0, f"data.pair_stage_cpus must be > 0, got {self.pair_stage_cpus}")
+        _require(self.pair_stage_concurrency >= 1, "data.pair_stage_concurrency must be >= 1")
+        _require(self.read_cpus > 0, f"data.read_cpus must be > 0, got {self.read_cpus}")
+        _require(self.shuffle_buffer_pairs >= 0, "data.shuffle_buffer_pairs must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """How many Train workers, on what, and where checkpoints live."""
+
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    """Fractional by default: on a 2-core machine two workers plus the data stage must all fit."""
+    storage_path: str = "./runs"
+    name: str = "siamese"
+    checkpoints_to_keep: int = 2
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
+    mixed_precision: bool = True
+    """bf16 autocast on GPU (ignored on CPU)."""
+    channels_last: bool = True
+    """channels-last memory format on GPU (ignored on CPU)."""
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, f"cluster.workers must be >= 1, got {self.workers}")
+        _require(self.gpus_per_worker >= 0, f"cluster.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        _require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(self.checkpoints_to_keep >= 1, "cluster.checkpoints_to_keep must be >= 1")
+        _require(self.max_failures >= -1, "cluster.max_failures must be >= -1 (-1: unlimited)")
+        _require(bool(self.name) and "/" not in self.name, f"cluster.name must be a plain name, got {self.name!r}")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """MLflow: store, experiment and the registry name of trained models."""
+
+    uri: str | None = None
+    """None: MLFLOW_TRACKING_URI, else ``sqlite:///<launch dir>/mlflow.db``."""
+    experiment: str = "siamese-oneshot"
+    registered_model: str | None = "siamese-oneshot"
+    """Register the best model under this name (None: log it without registering)."""
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one training job reads."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    distort: DistortionConfig = field(default_factory=DistortionConfig)
+    pairs: PairConfig = field(default_factory=PairConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataSection = field(default_factory=DataSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    @property
+    def recipe(self) -> TrainingRecipe:
+        return TrainingRecipe(model=self.model, optim=self.optim, distort=self.distort,
+                              pairs=self.pairs, training=self.training)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, TrainingRecipe] = {
+    "demo": DEMO_DEFAULTS,
+    "paper": TrainingRecipe(model=MODEL_PRESETS["koch"]),
+}
+
+
+def from_recipe(name: str) -> JobConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    r = RECIPES[name]
+    return JobConfig(model=r.model, optim=r.optim, distort=r.distort, pairs=r.pairs, training=r.training)
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted keys; per-layer dicts (``optim.lr_multipliers``) stay nested keys."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file of (nested or dotted) config keys."""
+    text = Path(path).read_text()
+    if str(path).endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return flatten(data)
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def build(recipe: str = "demo", files: list[str] | None = None,
+          overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    config = from_recipe(recipe)
+    for path in files or []:
+        config = apply_overrides(config, load_file(path))
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The configuration flags every job shares."""
+    parser.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
+                        help="starting point: 'demo' (CPU preset) or 'paper' (Koch's network)")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML/JSON file of config keys (repeatable; later files win)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override one key, e.g. --set optim.lr=0.02 --set cluster.workers=4")
+
+
+def from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> JobConfig:
+    """Build from parsed flags; ``extra`` holds shortcut flags already mapped to keys."""
+    overrides = {**(extra or {}), **parse_set(args.overrides)}
+    return build(args.recipe, args.config, overrides)
+
+
+def absolute_paths(config: JobConfig) -> dict[str, str]:
+    """Overrides that turn the config's relative local paths absolute (URIs stay as they are)."""
+    out = {}
+    for key, value in (("data.uri", config.data.uri), ("cluster.storage_path", config.cluster.storage_path)):
+        if "://" not in value:
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def write(config: JobConfig, path: str | Path) -> None:
+    """The resolved configuration as YAML, loadable with ``--config``."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_plain(config.to_dict()), sort_keys=True))
+
+
+def to_plain(value: Any) -> Any:
+    """Tuples -> lists and mappings -> dicts so YAML/JSON/MLflow read them back."""
+    if isinstance(value, Mapping):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value

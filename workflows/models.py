@@ -1,0 +1,54 @@
+"""Find a trained network wherever a user points: a checkpoint folder (local or s3://) or MLflow.
+
+``evaluate`` and ``predict`` accept the same ``--model`` values:
+
+* ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or a
+  ``models:/m-...`` logged-model id: loaded with ``mlflow.pytorch``;
+* a Ray Train checkpoint directory or a ``model.pt`` file, local or in object storage.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from siamese_core import checkpoint as ckpt_io
+from siamese_core.model import SiameseNet
+
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | None = None) -> SiameseNet:
+    """The network named by ``spec``, in eval mode on the CPU."""
+    if spec.startswith(MLFLOW_SCHEMES):
+        return load_mlflow(spec, tracking_uri)
+    if "://" in spec:
+        return load_remote_checkpoint(spec, endpoint_url)
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--model {spec}: no such checkpoint folder or file; give a checkpoint "
+                                "directory, a model.pt, or an MLflow URI such as models:/siamese-oneshot/1")
+    return ckpt_io.load_model(path)
+
+
+def load_mlflow(uri: str, tracking_uri: str | None = None) -> SiameseNet:
+    import mlflow
+
+    from workflows.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
+    loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
+    return ckpt_io.unwrap(getattr(loaded, "net", loaded)).eval()
+
+
+def load_remote_checkpoint(uri: str, endpoint_url: str | None = None) -> SiameseNet:
+    """Copy ``model.pt`` out of object storage, then load it."""
+    from workflows import storage
+
+    loc = storage.locate(uri, endpoint_url)
+    storage.check_readable(loc.fs, loc.path, loc.uri)
+    source = loc.path if loc.path.endswith(".pt") else storage.join(loc.path, ckpt_io.MODEL_FILE)
+    with tempfile.TemporaryDirectory() as directory:
+        target = Path(directory) / ckpt_io.MODEL_FILE
+        target.write_bytes(storage.read_bytes(loc.fs, source))
+        return ckpt_io.load_model(target)

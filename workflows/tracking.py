@@ -1,0 +1,254 @@
+"""MLflow: where runs go, and how a one-shot result is recorded.
+
+The default store is a SQLite file in the directory the user launches from,
+resolved to an absolute URI: Ray jobs run in a temporary copy of the working
+directory, where a relative ``sqlite:///mlflow.db`` would silently start a new,
+empty store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+DEFAULT_EXPERIMENT = "siamese-oneshot"
+
+
+def resolve_tracking_uri(uri: str | None = None, base_dir: Path | None = None) -> str:
+    """An absolute tracking URI: the argument, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative = uri[len("sqlite:///"):]
+        return "sqlite:///" + str((base / relative).resolve())
+    if "://" not in uri:
+        raise ValueError(
+            f"tracking URI {uri!r} is a plain folder; MLflow 3 refuses folder stores. "
+            "Use sqlite:///PATH/mlflow.db or http://HOST:PORT"
+        )
+    return uri
+
+
+@contextmanager
+def mlflow_run(tracking_uri: str, experiment: str, run_name: str,
+               tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start (and always end) one MLflow run in ``experiment``, creating it if needed."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    ensure_experiment(tracking_uri, experiment)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
+        yield run
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts of a SQLite store go beside the database, by absolute path.
+
+    MLflow's own default is ``./mlruns`` relative to the *current* directory,
+    which inside a Ray job is a temporary copy that disappears.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(tracking_uri: str, experiment: str) -> str:
+    """The experiment's id, creating it (with a stable artifact location) if needed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri))
+
+
+def flatten_params(config: Any, prefix: str = "") -> dict[str, str]:
+    """Dataclasses and mappings -> flat ``{"optim.lr": "0.01"}`` for ``mlflow.log_params``."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    elif isinstance(config, Mapping):
+        items = dict(config)
+    else:
+        return {prefix.rstrip("."): str(config)}
+    flat: dict[str, str] = {}
+    for key, value in items.items():
+        if (dataclasses.is_dataclass(value) and not isinstance(value, type)) or (
+                isinstance(value, Mapping) and value):
+            flat.update(flatten_params(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def log_oneshot(result: Any, split: str, step: int | None = None) -> None:
+    """Record a :class:`siamese_core.oneshot.OneShotResult` as ``{split}_oneshot_*`` metrics."""
+    import mlflow
+
+    metrics = {f"{split}_oneshot_accuracy": float(result.accuracy),
+               f"{split}_oneshot_trials": float(result.trials)}
+    for alphabet, accuracy in sorted(result.per_alphabet.items()):
+        metrics[f"{split}_oneshot_accuracy.{_metric_safe(alphabet)}"] = float(accuracy)
+    mlflow.log_metrics(metrics, step=step)
+    mlflow.log_text(json.dumps({"accuracy": result.accuracy, "correct": result.correct,
+                                "trials": result.trials, "per_alphabet": result.per_alphabet},
+                               indent=2, sort_keys=True),
+                    f"oneshot/{split}.json")
+
+
+def _metric_safe(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . / and space."""
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
+
+
+def check_reachable(tracking_uri: str) -> None:
+    """Fail early, with the URI in the message, when the tracking store cannot be used."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many types for an unreachable store
+        raise ConnectionError(f"MLflow tracking store {tracking_uri} is not reachable ({exc}). "
+                              "Start the server or fix --tracking-uri / MLFLOW_TRACKING_URI") from exc
+
+
+SECRET_MARKERS = ("secret", "password", "token", "credential", "access_key")
+
+
+def log_config(config: Any) -> None:
+    """All configuration as params (never anything that looks like a secret) plus the YAML file."""
+    import mlflow
+
+    params = {k: v for k, v in flatten_params(config).items()
+              if not any(m in k.lower() for m in SECRET_MARKERS)}
+    mlflow.log_params(params)
+    import dataclasses
+
+    import yaml
+
+    plain = json.loads(json.dumps(dataclasses.asdict(config), default=list))
+    mlflow.log_text(yaml.safe_dump(plain, sort_keys=True), "config.yaml")
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+try:  # Ray is optional for this module: the callback exists only where Ray does.
+    from ray.train import UserCallback as _UserCallback
+except ImportError:  # pragma: no cover - siamese_core users without Ray
+    _UserCallback = object  # type: ignore[assignment,misc]
+
+
+class EpochMetricsCallback(_UserCallback):  # type: ignore[misc,valid-type]
+    """Ray Train callback: every epoch's metrics (rank 0's report) into one MLflow run.
+
+    It runs in Ray Train's controller, so however many workers there are, the
+    job is one MLflow run; after a worker restart the repeated epochs are
+    logged again at the same step, so the history has no gap.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not metrics:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        values = _numeric(metrics[0])
+        step = int(values.get("epoch", 0))
+        now = int(time.time() * 1000)
+        MlflowClient(self.tracking_uri).log_batch(
+            self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+
+def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
+    """A picture of a few trials (query, support set, chosen and true class) and a per-alphabet chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    result, arrays, runs = evaluation.result, evaluation.arrays, evaluation.runs
+    rng = np.random.default_rng(0)
+    picked = rng.choice(result.trials, size=min(n_trials, result.trials), replace=False)
+    n_way = runs[0].n_way
+    fig, axes = plt.subplots(len(picked), n_way + 1, figsize=(1.0 * (n_way + 1), 1.15 * len(picked)),
+                             squeeze=False)
+    for row, t in enumerate(sorted(picked)):
+        run = runs[int(result.run_index[t])]
+        axes[row, 0].imshow(arrays.images[int(result.query[t])], cmap="gray_r")
+        axes[row, 0].set_title("query", fontsize=7)
+        for pos in range(n_way):
+            ax = axes[row, pos + 1]
+            ax.imshow(arrays.images[int(run.support[pos])], cmap="gray_r")
+            if pos == int(result.answer[t]):
+                ax.set_title("true", fontsize=7, color="green")
+            if pos == int(result.predicted[t]):
+                color = "green" if result.is_correct[t] else "red"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(color)
+                    spine.set_linewidth(3)
+                if not result.is_correct[t]:
+                    ax.set_title("chosen", fontsize=7, color="red")
+        axes[row, 0].set_ylabel(run.alphabet[:14], fontsize=6)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{split}: {n_way}-way one-shot trials (frame: chosen; green = right)", fontsize=9)
+    fig.tight_layout()
+    mlflow.log_figure(fig, f"oneshot/{split}_trials.png")
+    plt.close(fig)
+
+    names = sorted(result.per_alphabet)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    ax.barh(names, [result.per_alphabet[n] for n in names], color="steelblue")
+    ax.axvline(result.accuracy, color="black", linestyle="--", label=f"all: {result.accuracy:.1%}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("one-shot accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    mlflow.log_figure(fig, f"oneshot/{split}_per_alphabet.png")
+    plt.close(fig)
+
+
+def log_model(model: Any, registered_model: str | None) -> str:
+    """Log the network as an MLflow PyTorch model (pairs in, similarity out), optionally registered.
+
+    The served signature is one tensor of stacked pairs ``[B, 2, 1, S, S]``
+    (float in [0, 1], ink = 1) -> similarity ``[B]``.
+    """
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    import siamese_core
+    from siamese_core.checkpoint import PairScorer
+
+    scorer = PairScorer(model).eval()
+    size = scorer.net.config.input_size
+    example = np.zeros((2, 2, 1, size, size), dtype=np.float32)
+    with torch.no_grad():
+        output = scorer(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        scorer, name="model", signature=infer_signature(example, output),
+        serialization_format="pickle", registered_model_name=registered_model,
+        code_paths=[str(Path(siamese_core.__file__).parent)],
+    )
+    return info.model_uri
