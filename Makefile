@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast ingest evaluate clean
+.PHONY: venv demo test test-fast ingest train baseline clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,15 @@ venv: $(BIN)/.installed
 ingest: venv
 	$(BIN)/python -m workflows.ingest --source "$(OMNIGLOT_DIR)" --dest "$(DATA)"
 
-evaluate: venv
+# Train the CPU preset with Ray Train (2 workers) and score the best epoch on the 400 test trials.
+train: venv
+	$(BIN)/python -m workflows.train --recipe demo --data "$(DATA)" --storage-path "$(abspath runs)" $(TRAIN_ARGS)
+
+# The 1-nearest-neighbour pixel baseline on the same 400 test trials.
+baseline: venv
 	$(BIN)/python -m workflows.evaluate --data "$(DATA)" --model pixel-nn
 
-demo: ingest evaluate
+demo: ingest train
 
 test: venv
 	$(BIN)/python -m pytest -q

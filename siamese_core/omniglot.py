@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ARCHIVES: tuple[str, str] = ("images_background", "images_evaluation")
 
@@ -146,17 +146,63 @@ def iter_raw_images(source: Path | str) -> Iterator[RawImage]:
             yield from _iter_folder(path.parent, path.name)
 
 
-def decode_png(png: bytes, path: str = "<bytes>", size: int | None = None) -> np.ndarray:
-    """PNG bytes -> float32 [H, W] in [0, 1], ink = 1; optionally resized to ``size``."""
+def decode_image(data: bytes, path: str = "<bytes>", size: int | None = None) -> np.ndarray:
+    """Image bytes (any format PIL reads) -> float32 ``[H, W]`` in [0, 1], ink = 1.
+
+    The network's preprocessing, shared by ingest, training, evaluation and
+    prediction: EXIF orientation applied; transparent pixels composited onto
+    white (so a transparent background counts as paper, not ink); converted to
+    8-bit grayscale (ITU-R 601 luma for colour images); resized to
+    ``size`` x ``size`` with bilinear filtering when given (the aspect ratio is
+    not kept, as for Omniglot's square images); inverted so dark strokes on a
+    light background become ink = 1.0 on background = 0.0. The first frame of
+    an animated file is used. Raises :class:`CorruptImageError` naming ``path``
+    when the bytes cannot be decoded.
+    """
     try:
-        with Image.open(io.BytesIO(png)) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            gray = img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            img = ImageOps.exif_transpose(img)
+            gray = _to_gray(img)
+    except UnidentifiedImageError as exc:
+        raise CorruptImageError(f"corrupt image {path}: not in any image format PIL can read") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise CorruptImageError(f"corrupt image {path}: {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise CorruptImageError(f"image {path} is too large to decode: {exc}") from exc
     if size is not None and gray.size != (size, size):
         gray = gray.resize((size, size), Image.BILINEAR)
     return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale; alpha composited onto white; 16/32-bit images scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        peak = float(values.max(initial=0.0))
+        if img.mode.startswith("I;16") or peak > 255.0:
+            top = 65535.0
+        elif img.mode == "F" and peak <= 1.0:
+            top = 1.0
+        else:
+            top = 255.0
+        return Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info) \
+            or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("L")
+    return img.convert("L")
+
+
+def decode_png(png: bytes, path: str = "<bytes>", size: int | None = None) -> np.ndarray:
+    """Same as :func:`decode_image` (kept under its historical name; it reads any format)."""
+    return decode_image(png, path=path, size=size)
+
+
+def quantize(image: np.ndarray) -> np.ndarray:
+    """Float ink image in [0, 1] -> uint8 0..255, as stored for training and evaluation."""
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -182,7 +228,7 @@ def arrays_from_rows(pngs: Sequence[bytes], alphabet: Sequence[str], character: 
     """Decode PNG rows (from raw files or Parquet shards) into row-aligned arrays."""
     names = paths if paths is not None else [f"row {i}" for i in range(len(pngs))]
     images = np.stack([
-        np.rint(decode_png(png, path=name, size=size) * 255.0).astype(np.uint8)
+        quantize(decode_image(png, path=name, size=size))
         for png, name in zip(pngs, names)
     ]) if len(pngs) else np.zeros((0, size or IMAGE_SIZE, size or IMAGE_SIZE), np.uint8)
     return OmniglotArrays(

@@ -37,10 +37,30 @@ def ray_cluster():
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        from workflows.ray_setup import local_logical_cpus
+
+        ray.init(address="local", num_cpus=local_logical_cpus(), include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING", runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     try:
         yield ray
     finally:
         if started:
             ray.shutdown()
+
+
+SMALL_TRAIN = {"Latin", "Greek", "Braille"}
+SMALL_VALIDATION = {"Angelic", "Keble"}
+SMALL_TEST = {"Atlantean", "Tengwar"}
+
+
+@pytest.fixture(scope="session")
+def small_shards(ray_cluster, omniglot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Real Omniglot shards of 3 train, 2 validation and 2 test alphabets (ingested once)."""
+    from omniglot_sources import make_source
+    from workflows import ingest
+
+    root = tmp_path_factory.mktemp("small-omniglot")
+    source = make_source(omniglot_dir, root / "source", SMALL_TRAIN | SMALL_VALIDATION | SMALL_TEST)
+    dest = root / "shards"
+    ingest.ingest(str(source), str(dest), allow_subset=True, log=lambda _msg: None)
+    return str(dest)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from omniglot_sources import make_source
 from s3_server import closed_port
 from workflows import download, ingest, shards
 from workflows.ingest import IngestError
@@ -77,24 +78,6 @@ def quiet(message: str) -> None:
 
 SUBSET_A = {"Latin", "Greek", "Atlantean", "Angelic"}  # 2 train, 1 test, 1 validation alphabet
 SUBSET_B = {"Braille", "Tengwar", "Keble"}
-
-
-def make_source(omniglot_dir: Path, dest: Path, alphabets: set[str] | None = None,
-                replace: dict[str, bytes] | None = None, drop: set[str] = frozenset()) -> Path:
-    """A copy of (part of) the real archives, optionally with replaced or dropped entries."""
-    dest.mkdir(parents=True, exist_ok=True)
-    replace = replace or {}
-    for name in download.ARCHIVE_FILES:
-        with zipfile.ZipFile(omniglot_dir / name) as src, \
-                zipfile.ZipFile(dest / name, "w", zipfile.ZIP_STORED) as out:
-            for info in src.infolist():
-                parts = info.filename.split("/")
-                if alphabets is not None and len(parts) > 1 and parts[1] and parts[1] not in alphabets:
-                    continue
-                if info.filename in drop:
-                    continue
-                out.writestr(info, replace.get(info.filename, src.read(info)))
-    return dest
 
 
 def first_image(source: Path, alphabet: str) -> str:

@@ -33,6 +33,7 @@ class EvaluationRequest:
     n_way: int = 20
     runs_per_alphabet: int = 2
     endpoint_url: str | None = None
+    tracking_uri: str | None = None  # MLflow store a models:/ or runs:/ model is loaded from
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def evaluate(request: EvaluationRequest) -> Evaluation:
         return Evaluation(score_runs(runs, pixel_nearest_neighbour(arrays.as_float())), arrays, runs)
     from workflows.models import load_any
 
-    return evaluate_model(load_any(request.model, request.endpoint_url), request.data, request.split,
-                          request.seed, request.endpoint_url, cfg)
+    model = load_any(request.model, request.endpoint_url, tracking_uri=request.tracking_uri)
+    return evaluate_model(model, request.data, request.split, request.seed, request.endpoint_url, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-per-alphabet", type=int, default=2)
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// data")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+                        help="MLflow tracking URI: where a models:/ or runs:/ --model is loaded from and "
+                             "where the result is recorded (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
     args = parser.parse_args(argv)
 
     request = EvaluationRequest(data=args.data, split=args.split, model=args.model, seed=args.seed,
                                 n_way=args.n_way, runs_per_alphabet=args.runs_per_alphabet,
-                                endpoint_url=args.endpoint_url)
+                                endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri)
     started = time.perf_counter()
     evaluation = evaluate(request)
     result = evaluation.result

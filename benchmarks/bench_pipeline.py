@@ -1,0 +1,452 @@
+"""Pipeline overhead and pair-stage memory: Ray Data + Ray Train vs a plain PyTorch loop.
+
+Part 1 (overhead). The same model, batch size, torch threads, pairs per epoch
+and distorted copies, trained side by side in one run:
+
+* plain: one process, the training split decoded once into memory (not
+  timed), per epoch ``sample_pairs`` -> ``pair_batches`` -> ``train_step``
+  (what ``siamese_core.fit`` does);
+* pipeline: ``workflows.data.training_pairs`` (Parquet shards -> PairStage
+  actor -> pairs) feeding one Ray Train ``TorchTrainer`` worker whose loop is
+  the training half of ``workflows.train.train_loop_per_worker``
+  (``iter_torch_batches`` with the same shuffle buffer -> ``expand_copies`` ->
+  ``iter_steps`` -> ``train_step``); no validation or checkpoints.
+
+Only the training part of each epoch is timed on both sides. The plain loop
+runs before and after the pipeline (the mean is the reference), which cancels
+slow drift in a shared machine's speed. For the pipeline the benchmark also
+splits each epoch into time-to-first-batch (the Ray Data pipeline starting
+again: the pair-stage actor, the read tasks), time blocked waiting for later
+batches, and time in training steps.
+
+Part 2 (``--memory``). Writes synthetic training shards (copies of the real
+alphabets under new names, one shard per alphabet, the shard schema and a
+valid manifest) at 1x and ``--scale``x the training split's 19,280 images under
+/tmp, streams each through ``training_pairs`` (iterated fully, discarded;
+pairs per epoch scaled with the data so each shard gets the same work) and
+polls the peak RSS of the pair-stage actor process(es) and of the read tasks,
+and the object store's peak use.
+
+    .venv/bin/python benchmarks/bench_pipeline.py                  # overhead, cpu-small
+    .venv/bin/python benchmarks/bench_pipeline.py --memory         # + memory 1x vs 10x
+    .venv/bin/python benchmarks/bench_pipeline.py --memory --no-overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+# --------------------------------------------------------------------------- config
+
+def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Overrides of the demo recipe: the preset's model, the pairs, threads, batch size."""
+    from siamese_core.config import MODEL_PRESETS
+
+    model = dataclasses.asdict(MODEL_PRESETS[args.preset])
+    overrides: dict[str, Any] = {f"model.{k}": v for k, v in model.items()}
+    overrides.update({
+        "data.uri": str(Path(args.data).resolve()),
+        "pairs.pairs_per_epoch": args.pairs, "pairs.distorted_copies": args.copies,
+        "training.threads": args.threads, "training.batch_size": args.batch,
+        "training.epochs": args.epochs, "training.seed": args.seed,
+        "cluster.workers": 1,
+    })
+    return overrides
+
+
+# --------------------------------------------------------------------------- plain loop
+
+def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
+    """The plain single-process loop; per epoch: training seconds and rows (pairs incl. copies)."""
+    import torch
+
+    from siamese_core.fit import epoch_generator, new_model, pair_batches
+    from siamese_core.optim import apply_epoch_schedule, build_optimizer
+    from siamese_core.pairs import sample_pairs
+    from siamese_core.train_step import train_step
+
+    torch.set_num_threads(cfg.training.threads)
+    model = new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled)
+    optimizer = build_optimizer(model, cfg.optim)
+    images = torch.from_numpy(np.ascontiguousarray(arrays.images))
+    # The pipeline's pair stage draws round(pairs / alphabets) pairs per alphabet: match the total.
+    per_alphabet = max(2, round(cfg.pairs.pairs_per_epoch / n_alphabets))
+    pair_cfg = dataclasses.replace(cfg.pairs, pairs_per_epoch=per_alphabet * n_alphabets)
+    distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+    out = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        apply_epoch_schedule(optimizer, cfg.optim, epoch)
+        pairs = sample_pairs(arrays.alphabet, arrays.character, pair_cfg, cfg.training.seed, epoch,
+                             drawer=arrays.drawer, negatives=cfg.training.negatives)
+        generator = epoch_generator(cfg.training.seed, epoch)
+        rows = 0
+        for left, right, same, mask in pair_batches(pairs, images, cfg.training.batch_size,
+                                                    cfg.training.seed, epoch, drop_last=True):
+            train_step(model, optimizer, left, right, same, mask, distort_cfg, generator)
+            rows += left.shape[0]
+        seconds = time.perf_counter() - t0
+        out.append({"epoch": epoch, "train_seconds": seconds, "rows": rows})
+        print(f"  plain[{label}] epoch {epoch}: {rows} pairs in {seconds:.2f}s = {rows / seconds:.0f} pairs/s",
+              flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- pipeline loop
+
+def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The training half of ``workflows.train.train_loop_per_worker``, instrumented."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from siamese_core.fit import new_model
+    from siamese_core.optim import apply_epoch_schedule, build_optimizer
+    from siamese_core.train_step import train_step
+    from workflows import config as job_config
+    from workflows.data import expand_copies, iter_steps
+    from workflows.train import _distortion_seed
+
+    cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
+    torch.set_num_threads(cfg.training.threads)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled))
+    optimizer = build_optimizer(model, cfg.optim)
+    distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(cfg.training.epochs):
+        t0 = time.perf_counter()
+        apply_epoch_schedule(optimizer, cfg.optim, epoch)
+        generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))
+        rows, first, wait, step = 0, None, 0.0, 0.0
+        batches = iter(shard.iter_torch_batches(batch_size=cfg.training.batch_size, drop_last=True,
+                                                local_shuffle_buffer_size=cfg.data.shuffle_buffer_pairs or None,
+                                                local_shuffle_seed=cfg.training.seed + epoch))
+        while True:
+            tw = time.perf_counter()
+            batch = next(batches, None)
+            now = time.perf_counter()
+            if first is None:
+                first = now - t0
+            else:
+                wait += now - tw
+            if batch is None:
+                break
+            ts = time.perf_counter()
+            expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
+            for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
+                train_step(model, optimizer, left, right, same, mask, distort_cfg, generator)
+                rows += left.shape[0]
+            step += time.perf_counter() - ts
+        seconds = time.perf_counter() - t0
+        ray.train.report({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
+                          "wait_s": wait, "step_s": step})
+
+
+def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tuple[list[dict[str, float]], float]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from workflows.data import training_pairs
+
+    dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
+                             negatives=cfg.training.negatives, num_cpus=cfg.data.pair_stage_cpus,
+                             read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency)
+    trainer = TorchTrainer(
+        pipeline_loop_per_worker, train_loop_config={"recipe": "demo", "overrides": overrides},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
+                                               resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="bench-pipeline", storage_path=storage_dir),
+        datasets={"train": dataset})
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    frame = result.metrics_dataframe
+    cols = ["epoch", "train_seconds", "rows", "first_batch_s", "wait_s", "step_s"]
+    epochs = [{c: float(row[c]) for c in cols} for _, row in frame.iterrows()]
+    for e in epochs:
+        print(f"  pipeline epoch {int(e['epoch'])}: {int(e['rows'])} pairs in {e['train_seconds']:.2f}s = "
+              f"{e['rows'] / e['train_seconds']:.0f} pairs/s (first batch {e['first_batch_s']:.2f}s, "
+              f"later waits {e['wait_s']:.2f}s, steps {e['step_s']:.2f}s)", flush=True)
+    return epochs, wall
+
+
+def rate(epochs: list[dict[str, float]]) -> float:
+    return sum(e["rows"] for e in epochs) / sum(e["train_seconds"] for e in epochs)
+
+
+def overhead(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from workflows import config as job_config
+    from workflows import shards
+    from workflows.evaluate import load_split_arrays
+    from workflows.ray_setup import init_ray
+
+    overrides = job_overrides(args)
+    cfg = job_config.build("demo", overrides=overrides)
+    manifest = shards.read_manifest(cfg.data.uri)
+    n_alphabets = int(manifest.splits["train"]["alphabets"])
+    print(f"== pipeline overhead: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), "
+          f"batch {args.batch}, {args.threads} torch threads, {args.epochs} epochs, 1 Train worker, "
+          f"{os.cpu_count()} cores", flush=True)
+    t0 = time.perf_counter()
+    arrays = load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size)
+    decode_s = time.perf_counter() - t0
+    print(f"  plain: decoded {len(arrays)} train images once in {decode_s:.1f}s (not timed)", flush=True)
+
+    before = plain_epochs(cfg, arrays, n_alphabets, args.epochs, "before")
+    init_ray()
+    storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        pipe, wall = pipeline_epochs(cfg, overrides, storage_dir)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage_dir, ignore_errors=True)
+    after = plain_epochs(cfg, arrays, n_alphabets, args.epochs, "after")
+
+    steady = slice(1, None) if args.epochs > 1 else slice(0, None)
+    plain_all = statistics.mean([rate(before), rate(after)])
+    plain_steady = statistics.mean([rate(before[steady]), rate(after[steady])])
+    pipe_all, pipe_steady = rate(pipe), rate(pipe[steady])
+    first = [e["first_batch_s"] for e in pipe]
+    waits = [e["wait_s"] for e in pipe]
+    steps = [e["step_s"] for e in pipe]
+    later_first = statistics.mean(first[1:]) if len(first) > 1 else first[0]
+    no_restart = sum(e["rows"] for e in pipe[steady]) / sum(e["train_seconds"] - e["first_batch_s"]
+                                                            for e in pipe[steady])
+    plain_step = plain_steady
+    pipe_step = sum(e["rows"] for e in pipe[steady]) / sum(steps[steady])
+    summary = {
+        "preset": args.preset, "pairs_per_epoch": args.pairs, "copies": args.copies, "threads": args.threads,
+        "batch": args.batch, "epochs": args.epochs,
+        "plain_pairs_per_s": plain_all, "pipeline_pairs_per_s": pipe_all, "ratio": pipe_all / plain_all,
+        "plain_steady_pairs_per_s": plain_steady, "pipeline_steady_pairs_per_s": pipe_steady,
+        "steady_ratio": pipe_steady / plain_steady,
+        "plain_before_pairs_per_s": rate(before), "plain_after_pairs_per_s": rate(after),
+        "first_epoch_first_batch_s": first[0], "later_epochs_first_batch_s": later_first,
+        "later_waits_s_per_epoch": statistics.mean(waits[steady]),
+        "pipeline_steady_without_restart_pairs_per_s": no_restart,
+        "pipeline_step_only_pairs_per_s": pipe_step, "trainer_fit_wall_s": wall,
+    }
+    print("-- result (training steps only; validation excluded on both sides)")
+    print(f"plain loop    : {plain_all:8.0f} pairs/s  (before {rate(before):.0f}, after {rate(after):.0f})")
+    print(f"pipeline      : {pipe_all:8.0f} pairs/s")
+    print(f"ratio         : {pipe_all / plain_all:8.3f}  (target >= 0.95)")
+    print(f"steady state (epochs {steady.start}..): plain {plain_steady:.0f}, pipeline {pipe_steady:.0f} pairs/s, "
+          f"ratio {pipe_steady / plain_steady:.3f}")
+    print(f"where the pipeline's time goes: first batch of epoch 0 {first[0]:.2f}s (Ray Data start + actor); "
+          f"first batch of later epochs {later_first:.2f}s each (pipeline re-executed per epoch); "
+          f"later waits {statistics.mean(waits):.2f}s/epoch; steps {statistics.mean(steps):.2f}s/epoch")
+    print(f"pipeline steady rate without the per-epoch restart: {no_restart:.0f} pairs/s "
+          f"(ratio {no_restart / plain_steady:.3f}); inside train steps only: {pipe_step:.0f} pairs/s "
+          f"(ratio {pipe_step / plain_step:.3f}: CPU taken by the data stage while steps run)")
+    print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
+          f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
+    return summary
+
+
+# --------------------------------------------------------------------------- memory
+
+def write_synthetic(source_uri: str, dest: Path, copies: int) -> int:
+    """``copies`` x the training split as shards (one per synthetic alphabet) + a valid manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows import shards
+
+    table = shards.load_split_table(source_uri, "train")
+    alphabets = sorted(set(table.column("alphabet").to_pylist()))
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "train").mkdir(parents=True)
+    entries = []
+    for k in range(copies):
+        for a_i, name in enumerate(alphabets):
+            part = table.filter(pa.compute.equal(table.column("alphabet"), name))
+            alpha = f"syn{k:03d}_{name}"
+            cols = {c: part.column(c) for c in shards.COLUMNS}
+            cols["alphabet"] = pa.array([alpha] * part.num_rows, pa.string())
+            cols["image_id"] = pa.array([f"syn{k:03d}/{i}" for i in part.column("image_id").to_pylist()],
+                                        pa.string())
+            cols["character"] = pa.compute.add(part.column("character"), pa.scalar(k * 10_000, pa.int32()))
+            shard = pa.table([cols[c] for c in shards.COLUMNS], schema=shards.SCHEMA)
+            rel = f"train/syn-{k:03d}-{a_i:02d}.parquet"
+            pq.write_table(shard, dest / rel, compression="snappy")
+            entries.append({"path": rel, "split": "train", "rows": shard.num_rows,
+                            "characters": len(set(cols["character"].to_pylist())), "alphabets": [alpha]})
+    images = sum(e["rows"] for e in entries)
+    empty = {"images": 0, "characters": 0, "alphabets": 0, "alphabet_names": []}
+    manifest = {
+        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"synthetic": f"{copies} x the train split of {source_uri}"},
+        "content_checksum": "sha256:" + "0" * 64,
+        "counts": {"images": images, "characters": sum(e["characters"] for e in entries),
+                   "alphabets": len(entries), "archives": {}},
+        "splits": {"train": {"images": images, "characters": sum(e["characters"] for e in entries),
+                             "alphabets": len(entries), "alphabet_names": [e["alphabets"][0] for e in entries]},
+                   "validation": empty, "test": empty},
+        "shards": entries, "columns": list(shards.COLUMNS), "subset": True,
+    }
+    (dest / shards.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    shards.read_manifest(str(dest))  # validates
+    return images
+
+
+class PeakPoller(threading.Thread):
+    """Polls the RSS of Ray worker processes whose title names a marker, and the object store."""
+
+    def __init__(self, markers: dict[str, str], interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.markers, self.interval = markers, interval
+        self.peak_rss: dict[str, dict[int, int]] = {k: {} for k in markers}
+        self.peak_store = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            for proc in psutil.process_iter(["cmdline"]):
+                try:
+                    title = " ".join(proc.info["cmdline"] or [])
+                    for key, marker in self.markers.items():
+                        if marker in title:
+                            rss = proc.memory_info().rss
+                            seen = self.peak_rss[key]
+                            seen[proc.pid] = max(seen.get(proc.pid, 0), rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.peak_store = max(self.peak_store, object_store_used())
+            self.stop.wait(self.interval)
+
+
+def object_store_used() -> int:
+    """Bytes in this node's plasma store (0 if the API is not available)."""
+    try:
+        from ray._private.internal_api import memory_summary  # noqa: F401
+        import ray
+
+        total = ray.cluster_resources().get("object_store_memory", 0)
+        free = ray.available_resources().get("object_store_memory", total)
+        return int(total - free)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
+    from workflows.data import training_pairs
+
+    pair_cfg = dataclasses.replace(cfg.pairs, pairs_per_epoch=pairs)
+    ds = training_pairs(uri, pair_cfg, cfg.model.input_size, cfg.training.seed,
+                        num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
+                        concurrency=cfg.data.pair_stage_concurrency)
+    poller = PeakPoller({"pair_stage": "PairStage", "read": "ReadParquet"})
+    poller.start()
+    t0 = time.perf_counter()
+    n = 0
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        n += len(batch["same"])
+    seconds = time.perf_counter() - t0
+    poller.stop.set()
+    poller.join()
+    stats = ds.stats()
+    peak_store_line = next((l.strip() for l in stats.splitlines() if "object store" in l.lower()), "")
+    pair_pids = poller.peak_rss["pair_stage"]
+    return {"pairs": n, "seconds": seconds,
+            "pair_stage_peak_rss_mb": max(pair_pids.values(), default=0) / 2**20,
+            "pair_stage_processes": len(pair_pids),
+            "read_peak_rss_mb": max(poller.peak_rss["read"].values(), default=0) / 2**20,
+            "object_store_peak_mb": poller.peak_store / 2**20, "ray_stats_store_line": peak_store_line}
+
+
+def memory(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from workflows import config as job_config
+    from workflows.ray_setup import init_ray
+
+    cfg = job_config.build("demo", overrides=job_overrides(args))
+    root = Path(args.tmp)
+    print(f"== pair-stage memory: synthetic shards under {root}, 1x vs {args.scale}x the train split; "
+          f"{args.pairs} pairs per 1x (same pairs per shard at every scale)", flush=True)
+    sizes = {}
+    for scale in (1, args.scale):
+        t0 = time.perf_counter()
+        sizes[scale] = write_synthetic(str(Path(args.data).resolve()), root / f"x{scale}", scale)
+        print(f"  wrote {sizes[scale]} images ({scale}x) in {time.perf_counter() - t0:.1f}s", flush=True)
+    results = {}
+    init_ray()
+    try:
+        for scale in (1, args.scale):
+            r = stream_once(str(root / f"x{scale}"), cfg, args.pairs * scale)
+            results[scale] = r
+            print(f"  {scale:>3}x: {sizes[scale]} images -> {r['pairs']} pairs in {r['seconds']:.1f}s; "
+                  f"pair stage peak RSS {r['pair_stage_peak_rss_mb']:.0f} MB ({r['pair_stage_processes']} "
+                  f"process(es)); read tasks peak RSS {r['read_peak_rss_mb']:.0f} MB; object store peak "
+                  f"{r['object_store_peak_mb']:.1f} MB", flush=True)
+    finally:
+        ray.shutdown()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    one, big = results[1], results[args.scale]
+    ratio = big["pair_stage_peak_rss_mb"] / max(one["pair_stage_peak_rss_mb"], 1e-9)
+    print("-- result")
+    print(f"pair stage peak RSS: 1x {one['pair_stage_peak_rss_mb']:.0f} MB, {args.scale}x "
+          f"{big['pair_stage_peak_rss_mb']:.0f} MB, ratio {ratio:.3f} (data ratio {sizes[args.scale] / sizes[1]:.0f})")
+    print(f"object store peak: 1x {one['object_store_peak_mb']:.1f} MB, {args.scale}x {big['object_store_peak_mb']:.1f} MB")
+    return {"images": sizes, "results": results, "pair_stage_rss_ratio": ratio}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(ROOT / "data" / "omniglot-shards"))
+    parser.add_argument("--preset", default="cpu-small", choices=["cpu-small", "koch"])
+    parser.add_argument("--pairs", type=int, default=6000, help="pairs per epoch (before copies)")
+    parser.add_argument("--copies", type=int, default=1, help="distorted copies per pair (demo: 1, paper: 8)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
+    parser.add_argument("--scale", type=int, default=10)
+    parser.add_argument("--tmp", default="/tmp/siamese-bench-shards")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic shards")
+    parser.add_argument("--json", help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    out: dict[str, Any] = {}
+    if not args.no_overhead:
+        out["overhead"] = overhead(args)
+    if args.memory:
+        out["memory"] = memory(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

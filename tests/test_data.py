@@ -1,0 +1,105 @@
+"""The pair stage that Ray Data runs: pairs per alphabet, per epoch, decoded and labelled right."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamese_core.config import PairConfig
+from workflows import data
+
+
+def _png(value: int) -> bytes:
+    """A 16x16 image whose ink pixel count encodes ``value`` (so decoded rows are traceable)."""
+    pixels = np.full((16, 16), 255, dtype=np.uint8)
+    pixels.flat[:value] = 0
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def block() -> dict[str, np.ndarray]:
+    """Two alphabets x 4 characters x 20 drawers; each image's ink count = its character id."""
+    rows = [(a, 10 * i + c, d) for i, a in enumerate(["alpha", "beta"]) for c in range(1, 5)
+            for d in range(1, 21)]
+    return {
+        "alphabet": np.array([r[0] for r in rows]),
+        "character": np.array([r[1] for r in rows], dtype=np.int32),
+        "drawer": np.array([r[2] for r in rows], dtype=np.int8),
+        "image": np.array([_png(r[1]) for r in rows], dtype=object),
+        "image_id": np.array([f"{r[0]}/{r[1]}/{r[2]}" for r in rows]),
+    }
+
+
+def _stage(epoch_index: int, monkeypatch, seed: int = 0) -> data.PairStage:
+    monkeypatch.setattr(data, "current_execution_index", lambda: epoch_index)
+    return data.PairStage(PairConfig(pairs_per_epoch=300, distorted_copies=8), image_size=16, seed=seed,
+                          n_alphabets=3)
+
+
+def test_pairs_are_labelled_by_their_images(block, monkeypatch) -> None:
+    out = _stage(0, monkeypatch)(block)
+    ink_left = (out["left"] > 127).reshape(len(out["left"]), -1).sum(1)
+    ink_right = (out["right"] > 127).reshape(len(out["right"]), -1).sum(1)
+    assert np.array_equal(out["same"] == 1.0, ink_left == ink_right)
+    assert out["left"].dtype == np.uint8 and out["left"].shape[1:] == (16, 16)
+    # 300 pairs over 3 alphabets in the data set: 100 per alphabet here, half of them "same".
+    assert len(out["same"]) == 200 and out["same"].sum() == 100
+    # Negatives stay inside one alphabet (ink counts 1..4 vs 11..14).
+    assert np.array_equal(ink_left // 10, ink_right // 10)
+    assert set(out["epoch"]) == {0}
+
+
+def test_new_pairs_each_epoch_same_pairs_from_same_seed(block, monkeypatch) -> None:
+    first = _stage(0, monkeypatch)(block)
+    again = _stage(0, monkeypatch)(block)
+    second = _stage(1, monkeypatch)(block)
+    other_seed = _stage(0, monkeypatch, seed=1)(block)
+    assert np.array_equal(first["left"], again["left"]) and np.array_equal(first["right"], again["right"])
+    assert not np.array_equal(first["left"], second["left"])
+    assert not np.array_equal(first["left"], other_seed["left"])
+    assert set(second["epoch"]) == {1}
+
+
+def test_pairs_do_not_depend_on_how_blocks_are_cut(block, monkeypatch) -> None:
+    whole = _stage(0, monkeypatch)(block)
+    only_beta = {k: v[block["alphabet"] == "beta"] for k, v in block.items()}
+    part = _stage(0, monkeypatch)(only_beta)
+    beta_rows = (whole["left"] > 127).reshape(len(whole["left"]), -1).sum(1) >= 10  # beta: ids 11..14
+    assert np.array_equal(whole["left"][beta_rows], part["left"])
+
+
+def test_only_training_drawers_are_used(block, monkeypatch) -> None:
+    monkeypatch.setattr(data, "current_execution_index", lambda: 0)
+    stage = data.PairStage(PairConfig(pairs_per_epoch=200, drawers=(1, 2)), image_size=16, seed=0, n_alphabets=2)
+    marked = dict(block)
+    # Images by drawers other than 1 and 2 are corrupt: touching one would raise.
+    marked["image"] = np.array([png if d in (1, 2) else b"not a png" for png, d in
+                                zip(block["image"], block["drawer"])], dtype=object)
+    out = stage(marked)
+    assert len(out["same"]) == 200
+
+
+def test_corrupt_image_is_named(block, monkeypatch) -> None:
+    broken = dict(block)
+    broken["image"] = np.array([b"garbage"] * len(block["image"]), dtype=object)
+    with pytest.raises(Exception, match="alpha/"):
+        _stage(0, monkeypatch)(broken)
+
+
+def test_expand_copies_and_steps() -> None:
+    left = torch.arange(4).view(4, 1, 1).float()
+    right, same = left + 10, torch.tensor([1.0, 0.0, 1.0, 0.0])
+    l2, r2, s2, mask = data.expand_copies(left, right, same, copies=2)
+    assert l2.shape[0] == 12 and mask.sum() == 8 and not mask[:4].any()
+    assert torch.equal(l2[4:8], left) and torch.equal(s2[8:], same)
+    steps = list(data.iter_steps(l2, r2, s2, mask, batch_size=5, generator=torch.Generator().manual_seed(0)))
+    assert len(steps) == 2 and all(s[0].shape[0] == 5 for s in steps)
+    seen = torch.cat([s[0] for s in steps]).flatten()
+    assert len(set(seen.tolist())) <= 4 and torch.equal(torch.cat([s[1] for s in steps]), torch.cat(
+        [s[0] for s in steps]) + 10)

@@ -1,0 +1,341 @@
+"""``python -m workflows.predict`` on a handmade support/query folder of real Omniglot images.
+
+The model is a tiny random SiameseNet whose head weights are all negative:
+its logit is ``b - sum_j |w_j| |h1_j - h2_j|``, largest (= ``b``) exactly when
+the two embeddings are equal. So a query that is a pixel-exact copy of a
+support image, after preprocessing, must be predicted as that class with score
+``sigmoid(b)``; every other score is checked against ``model.similarity``
+computed pair by pair with the evaluation pipeline's own decoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siamese_core import checkpoint
+from siamese_core.config import ModelConfig
+from siamese_core.model import build_model
+from siamese_core.omniglot import arrays_from_rows, decode_image, decode_png, quantize
+from workflows import predict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ALPHABET = "images_background/Latin"
+CLASSES = ["alpha", "beta", "gamma", "delta", "eps"]  # Latin character01..05
+HEAD_BIAS = 2.0
+SIZE = 35
+
+
+def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pngs(omniglot_dir: Path) -> dict[tuple[str, int], bytes]:
+    """Original PNG bytes of drawers 1-3 of five Latin characters, keyed (class, drawer)."""
+    out = {}
+    with zipfile.ZipFile(omniglot_dir / "images_background.zip") as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith(ALPHABET + "/character0") and n.endswith(".png"))
+        for cls, number in zip(CLASSES, range(1, 6)):
+            for drawer in (1, 2, 3):
+                [name] = [n for n in names if f"/character{number:02d}/" in n and n.endswith(f"_{drawer:02d}.png")]
+                out[cls, drawer] = archive.read(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(preset="tiny-test", input_size=SIZE, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2),
+                      embedding_dim=32, init="kaiming")
+    net = build_model(cfg, seed=0)
+    with torch.no_grad():
+        net.head.weight.copy_(-(net.head.weight.abs() + 0.05))
+        net.head.bias.fill_(HEAD_BIAS)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-model")
+    checkpoint.save(directory, model)
+    return directory
+
+
+# Exact copies of support images in other formats/modes: (query path, class, bytes builder).
+def _copies(pngs):
+    original = {cls: Image.open(io.BytesIO(pngs[cls, 1])) for cls in CLASSES}
+    gray = original["gamma"].convert("L")
+    transparent = Image.new("RGBA", gray.size, (0, 0, 0, 0))
+    transparent.putalpha(Image.eval(gray, lambda v: 255 - v))  # black ink, transparent paper
+    return {
+        "copies/alpha_rgb.png": ("alpha", _encode(original["alpha"].convert("RGB"), "PNG")),
+        "copies/beta.bmp": ("beta", _encode(original["beta"].convert("RGB"), "BMP")),
+        "copies/gamma_rgba.png": ("gamma", _encode(transparent, "PNG")),
+        "copies/delta_gray.tiff": ("delta", _encode(original["delta"].convert("L"), "TIFF")),
+        # a copy of the *second* example of the two-image class: best-match scoring finds it
+        "copies/eps_03.png": ("eps", pngs["eps", 3]),
+    }
+
+
+@pytest.fixture(scope="module")
+def folders(pngs, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    support, query = root / "support", root / "query"
+    support.mkdir()
+    for cls in ("alpha", "beta", "gamma"):
+        (support / f"{cls}.png").write_bytes(pngs[cls, 1])
+    (support / "delta").mkdir()  # a class given as a subfolder with one image
+    (support / "delta" / "example.png").write_bytes(pngs["delta", 1])
+    (support / "eps").mkdir()  # a class with two examples
+    (support / "eps" / "a.png").write_bytes(pngs["eps", 1])
+    (support / "eps" / "b.png").write_bytes(pngs["eps", 3])
+    (support / "README.txt").write_text("not an image: skipped")
+    (support / ".hidden.png").write_bytes(b"not even an image: hidden, skipped")
+
+    for cls in CLASSES:  # other drawer's versions, in a nested folder
+        (query / "drawer2").mkdir(parents=True, exist_ok=True)
+        (query / "drawer2" / f"{cls}.png").write_bytes(pngs[cls, 2])
+    for rel, (_, data) in _copies(pngs).items():
+        (query / rel).parent.mkdir(parents=True, exist_ok=True)
+        (query / rel).write_bytes(data)
+    big = Image.open(io.BytesIO(pngs["beta", 1])).convert("RGB").resize((160, 120), Image.BILINEAR)
+    (query / "beta_big.jpg").write_bytes(_encode(big, "JPEG", quality=95))
+    (query / "notes.md").write_text("skipped")
+    return support, query
+
+
+def _run(argv, capsys) -> tuple[int, str, str]:
+    code = predict.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    reader = csv.DictReader(io.StringIO(text))
+    assert reader.fieldnames == ["query", "predicted", "score"]
+    return list(reader)
+
+
+def _decode_like_evaluation(files: list[Path]) -> torch.Tensor:
+    """The images as evaluation decodes shard rows (arrays_from_rows), float [N,1,S,S]."""
+    arrays = arrays_from_rows([f.read_bytes() for f in files], ["a"] * len(files), list(range(len(files))),
+                              [1] * len(files), paths=[str(f) for f in files], size=SIZE)
+    return torch.from_numpy(arrays.as_float())
+
+
+def _support_files(support: Path) -> dict[str, list[Path]]:
+    return {"alpha": [support / "alpha.png"], "beta": [support / "beta.png"], "gamma": [support / "gamma.png"],
+            "delta": [support / "delta" / "example.png"], "eps": [support / "eps" / "a.png", support / "eps" / "b.png"]}
+
+
+def _expected_queries(pngs) -> list[str]:
+    names = [f"drawer2/{c}.png" for c in CLASSES] + list(_copies(pngs)) + ["beta_big.jpg"]
+    return sorted(names)
+
+
+def test_predict_csv_matches_pairwise_similarity(model, model_dir, folders, pngs, capsys):
+    support, query = folders
+    code, out, err = _run(["--model", model_dir, "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    rows = _rows(out)
+    assert [r["query"] for r in rows] == _expected_queries(pngs)
+
+    classes = _support_files(support)
+    with torch.no_grad():
+        for row in rows:
+            assert row["predicted"] in classes
+            score = float(row["score"])
+            assert 0.0 <= score <= 1.0
+            xq = _decode_like_evaluation([query / row["query"]])
+            per_class = {}
+            for cls, files in classes.items():
+                xs = _decode_like_evaluation(files)
+                per_class[cls] = float(model.similarity(xq.expand(len(files), -1, -1, -1), xs).max())
+            best = max(per_class, key=per_class.get)
+            assert row["predicted"] == best, (row, per_class)
+            assert score == pytest.approx(per_class[best], abs=1e-5)
+
+
+def test_exact_copies_in_any_format_are_recognised(folders, model_dir, pngs, capsys):
+    support, query = folders
+    code, out, err = _run(["--model", model_dir, "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    rows = {r["query"]: r for r in _rows(out)}
+    top = 1.0 / (1.0 + math.exp(-HEAD_BIAS))
+    for rel, (cls, _) in _copies(pngs).items():
+        assert rows[rel]["predicted"] == cls, rel
+        assert float(rows[rel]["score"]) == pytest.approx(top, abs=1e-5), rel
+    # A resized RGB JPEG of a support image is not pixel-exact but still nearest to it.
+    assert rows["beta_big.jpg"]["predicted"] == "beta"
+    assert float(rows["beta_big.jpg"]["score"]) < top
+
+
+def test_copies_beat_every_other_class(model, folders, pngs):
+    """The exact-copy assertions above are meaningful: the other classes score clearly lower."""
+    support, query = folders
+    classes = _support_files(support)
+    with torch.no_grad():
+        for rel, (cls, _) in _copies(pngs).items():
+            xq = _decode_like_evaluation([query / rel])
+            scores = {c: float(model.similarity(xq.expand(len(f), -1, -1, -1), _decode_like_evaluation(f)).max())
+                      for c, f in classes.items()}
+            others = [s for c, s in scores.items() if c != cls]
+            assert max(others) < scores[cls] - 1e-3, (rel, scores)
+
+
+def test_output_file_and_real_entrypoint(model_dir, folders, tmp_path, capsys):
+    support, query = folders
+    target = tmp_path / "predictions.csv"
+    code, out, err = _run(["--model", model_dir, "--support", support, "--query", query, "--output", target], capsys)
+    assert code == 0, err
+    assert out == ""
+    assert "wrote 11 predictions (5 classes)" in err
+    from_main = target.read_text()
+
+    done = subprocess.run([sys.executable, "-m", "workflows.predict", "--model", str(model_dir),
+                           "--support", str(support), "--query", str(query)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == from_main
+    assert len(_rows(done.stdout)) == 11
+
+    missing = subprocess.run([sys.executable, "-m", "workflows.predict", "--model", str(model_dir),
+                              "--support", str(tmp_path / "nope"), "--query", str(query)],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert str(tmp_path / "nope") in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_decode_image_is_the_evaluation_preprocessing(pngs):
+    """Every colour mode of one image decodes like the PNG in the shards (decode_png kept)."""
+    original = pngs["alpha", 1]
+    reference = quantize(decode_png(original, size=SIZE))
+    img = Image.open(io.BytesIO(original))
+    assert img.mode == "1"
+    gray = img.convert("L")
+    transparent = Image.new("LA", gray.size, (0, 0))
+    transparent.putalpha(Image.eval(gray, lambda v: 255 - v))
+    for data in [_encode(gray, "PNG"), _encode(img.convert("RGB"), "PNG"), _encode(img.convert("RGBA"), "PNG"),
+                 _encode(transparent, "PNG"), _encode(img.convert("P"), "GIF"), _encode(gray, "BMP"),
+                 _encode(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "PNG")]:
+        np.testing.assert_array_equal(quantize(decode_image(data, size=SIZE)), reference)
+    assert decode_image(original).shape == (105, 105)
+    assert decode_image(original, size=SIZE).dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- errors
+
+def _error(argv, capsys) -> str:
+    code, out, err = _run(argv, capsys)
+    assert code == 2, (out, err)
+    assert out == ""
+    assert "error:" in err
+    return err
+
+
+def test_missing_folders(model_dir, folders, tmp_path, capsys):
+    support, query = folders
+    err = _error(["--model", model_dir, "--support", tmp_path / "absent", "--query", query], capsys)
+    assert f"support folder {tmp_path / 'absent'} does not exist" in err
+    err = _error(["--model", model_dir, "--support", support, "--query", tmp_path / "absent-q"], capsys)
+    assert f"query folder {tmp_path / 'absent-q'} does not exist" in err
+    (tmp_path / "file.png").write_bytes(b"x")
+    err = _error(["--model", model_dir, "--support", tmp_path / "file.png", "--query", query], capsys)
+    assert "is not a folder" in err
+
+
+def test_empty_folders(model_dir, folders, tmp_path, capsys):
+    support, query = folders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    err = _error(["--model", model_dir, "--support", empty, "--query", query], capsys)
+    assert f"support folder {empty} holds no images" in err
+    err = _error(["--model", model_dir, "--support", support, "--query", empty], capsys)
+    assert f"query folder {empty} holds no images" in err
+    hollow = tmp_path / "hollow"
+    (hollow / "cls").mkdir(parents=True)
+    (hollow / "other.png").write_bytes(b"x")
+    err = _error(["--model", model_dir, "--support", hollow, "--query", query], capsys)
+    assert f"support class folder {hollow / 'cls'} holds no images" in err
+
+
+def test_corrupt_images_are_named(model_dir, folders, pngs, tmp_path, capsys):
+    support, query = folders
+    bad_query = tmp_path / "q"
+    bad_query.mkdir()
+    (bad_query / "good.png").write_bytes(pngs["alpha", 2])
+    (bad_query / "broken.png").write_bytes(pngs["alpha", 2][:100])  # truncated
+    err = _error(["--model", model_dir, "--support", support, "--query", bad_query], capsys)
+    assert str(bad_query / "broken.png") in err
+
+    bad_support = tmp_path / "s"
+    bad_support.mkdir()
+    (bad_support / "alpha.png").write_bytes(pngs["alpha", 1])
+    (bad_support / "beta.jpg").write_bytes(b"this is not a jpeg")
+    err = _error(["--model", model_dir, "--support", bad_support, "--query", query], capsys)
+    assert str(bad_support / "beta.jpg") in err and "corrupt image" in err
+
+
+def test_duplicate_class_names(model_dir, folders, pngs, tmp_path, capsys):
+    _, query = folders
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    (twice / "alpha.png").write_bytes(pngs["alpha", 1])
+    (twice / "alpha.jpg").write_bytes(_encode(Image.open(io.BytesIO(pngs["alpha", 1])).convert("RGB"), "JPEG"))
+    err = _error(["--model", model_dir, "--support", twice, "--query", query], capsys)
+    assert "two entries for class 'alpha'" in err and "alpha.jpg" in err and "alpha.png" in err
+
+    mixed = tmp_path / "mixed"
+    (mixed / "beta").mkdir(parents=True)
+    (mixed / "beta" / "x.png").write_bytes(pngs["beta", 1])
+    (mixed / "beta.png").write_bytes(pngs["beta", 1])
+    err = _error(["--model", model_dir, "--support", mixed, "--query", query], capsys)
+    assert "two entries for class 'beta'" in err
+
+
+def test_bad_model_spec(folders, tmp_path, capsys):
+    support, query = folders
+    err = _error(["--model", tmp_path / "no-such-model", "--support", support, "--query", query], capsys)
+    assert str(tmp_path / "no-such-model") in err
+
+
+def test_single_class_warns(model_dir, folders, pngs, tmp_path, capsys):
+    _, query = folders
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "alpha.png").write_bytes(pngs["alpha", 1])
+    code, out, err = _run(["--model", model_dir, "--support", one, "--query", query], capsys)
+    assert code == 0
+    assert "single class" in err
+    assert {r["predicted"] for r in _rows(out)} == {"alpha"}
+
+
+@pytest.mark.integration
+def test_registered_mlflow_model_predicts_like_its_checkpoint(model, model_dir, folders, tmp_path, capsys,
+                                                              monkeypatch):
+    from workflows import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.mlflow_run(uri, "predict-test", run_name="log"):
+        tracking.log_model(model, "predict-model")
+    support, query = folders
+    code, from_ckpt, err = _run(["--model", model_dir, "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    code, from_mlflow, err = _run(["--model", "models:/predict-model/1", "--tracking-uri", uri,
+                                   "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    assert from_mlflow == from_ckpt

@@ -1,0 +1,90 @@
+"""The main job end to end on real Omniglot shards: Ray Train with 2 workers -> MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from siamese_core import checkpoint as ckpt_io
+from siamese_core.config import ConfigError
+from workflows import config as job_config
+from workflows import train
+
+pytestmark = pytest.mark.integration
+
+
+def _overrides(small_shards: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"data.uri": small_shards, "cluster.storage_path": str(tmp_path / "runs"),
+            "cluster.name": "t", "cluster.workers": "2", "training.epochs": "2",
+            "training.threads": "1", "pairs.pairs_per_epoch": "240", "pairs.distorted_copies": "1",
+            "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "tracking.experiment": "t-train",
+            "tracking.registered_model": "t-siamese", **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(small_shards: str, tmp_path_factory: pytest.TempPathFactory):
+    tmp_path = tmp_path_factory.mktemp("train")
+    overrides = _overrides(small_shards, tmp_path)
+    cfg = job_config.build("demo", overrides=overrides)
+    summary = train.run(cfg, "demo", overrides)
+    return summary, cfg, tmp_path
+
+
+def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
+    from mlflow.tracking import MlflowClient
+
+    summary, cfg, _ = trained
+    client = MlflowClient(summary["tracking_uri"])
+    experiment = client.get_experiment_by_name("t-train")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["run_id"]]  # 2 workers, one run
+    run = runs[0]
+    assert run.data.params["cluster.workers"] == "2"
+    assert run.data.params["model.preset"] == "cpu-small"
+    assert float(run.data.params["optim.lr"]) == cfg.optim.lr
+    history = client.get_metric_history(run.info.run_id, "val_oneshot_accuracy")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    # 2 test alphabets x 2 runs x 20 queries, scored once from the best checkpoint.
+    assert summary["test_trials"] == 80
+    assert run.data.metrics["test_oneshot_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert {"test_oneshot_accuracy.Atlantean", "test_oneshot_accuracy.Tengwar"} <= set(run.data.metrics)
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert summary["best_epoch"] == best.step
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "oneshot")}
+    assert {"oneshot/test_trials.png", "oneshot/test_per_alphabet.png", "oneshot/test.json"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_registered_model_is_the_best_checkpoint(trained) -> None:
+    from workflows.models import load_any
+
+    summary, cfg, _ = trained
+    registered = load_any("models:/t-siamese/1", tracking_uri=summary["tracking_uri"])
+    from_checkpoint = ckpt_io.load_model(summary["checkpoint"])
+    assert ckpt_io.load_payload(summary["checkpoint"])["epoch"] == summary["best_epoch"]
+    x = torch.rand(3, 1, cfg.model.input_size, cfg.model.input_size)
+    torch.testing.assert_close(registered.embed(x), from_checkpoint.embed(x))
+
+
+def test_missing_data_fails_before_ray(tmp_path: Path) -> None:
+    from workflows.shards import DatasetError
+
+    cfg = job_config.build("demo", overrides={"data.uri": str(tmp_path / "nothing"),
+                                              "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
+    with pytest.raises(DatasetError, match="nothing"):
+        train.preflight(cfg)
+
+
+def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray_cluster) -> None:
+    cfg = job_config.build("demo", overrides=_overrides(small_shards, tmp_path, **{"cluster.gpus_per_worker": "1"}))
+    with pytest.raises(ConfigError, match="GPU"):
+        train.check_resources(cfg)
+
+
+def test_unknown_key_exits_2_with_message(capsys) -> None:
+    assert train.main(["--set", "optim.lrr=0.1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err

@@ -1,0 +1,260 @@
+"""``python -m workflows.predict``: classify new images one-shot against a support folder.
+
+Give one example image per class (the support set) and a folder of images to
+classify (the queries); each query gets the class whose example the trained
+siamese network finds most similar. Output is CSV with the header
+``query,predicted,score``: the query's path relative to the query folder, the
+predicted class, and the network's similarity probability ``p`` (0..1) for
+that class.
+
+Support folder layout (the two forms may be mixed):
+
+* ``SUPPORT/NAME.png`` -- one image file per class; the class is the file
+  name without its extension (``NAME``);
+* ``SUPPORT/NAME/`` -- a subfolder per class; the class is the folder name.
+  It normally holds one image. If it holds several (searched recursively),
+  all of them are used and the class scores as its *best-matching* image
+  (maximum similarity): a query matches a class when it looks like any one
+  of its examples, which is the natural reading of "several examples" in a
+  nearest-neighbour classifier and leaves one-image classes unchanged.
+
+The query folder is searched recursively; results are sorted by relative path.
+Files whose extension is not an image format Pillow reads, and hidden files and
+folders (names starting with "."), are skipped. Images may be any size, colour
+mode and format (PNG, JPEG, BMP, GIF, TIFF, WebP, ...): each goes through the
+model's own preprocessing (:func:`siamese_core.omniglot.decode_image`:
+grayscale, resize to the model's input size, invert so ink = 1, 8-bit
+quantisation), exactly as in training and evaluation. Dark strokes on a light
+background are expected, as in Omniglot. Every image is embedded once; all
+query/support pairs are scored from the embeddings.
+
+Exit status 2, with a message naming the file or folder, when a folder is
+missing or holds no images, an image cannot be decoded, two support entries
+name the same class, or the model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TextIO
+
+import numpy as np
+
+from siamese_core.omniglot import CorruptImageError, decode_image, quantize
+
+
+class PredictError(Exception):
+    """A problem with the user's folders or files; the message says which one."""
+
+
+@dataclass(frozen=True)
+class SupportSet:
+    """The classes (sorted) and every support image, with the class each belongs to."""
+
+    classes: list[str]
+    files: list[Path]
+    owner: np.ndarray  # int64 [len(files)], index into ``classes``
+
+
+@dataclass(frozen=True)
+class Prediction:
+    query: str  # path relative to the query folder, "/"-separated
+    predicted: str
+    score: float  # similarity probability for ``predicted``, in [0, 1]
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (".png", ".jpg", ...) of every format Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``folder`` (by extension, hidden entries skipped), sorted by relative path."""
+    extensions = image_extensions()
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    found = [p for p in candidates
+             if p.is_file() and p.suffix.lower() in extensions and not _hidden(p, folder)]
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _check_folder(folder: Path, role: str) -> None:
+    if not folder.exists():
+        raise PredictError(f"{role} folder {folder} does not exist")
+    if not folder.is_dir():
+        raise PredictError(f"{role} folder {folder} is not a folder")
+
+
+def read_support(folder: str | Path) -> SupportSet:
+    """The classes of a support folder (see the module docstring for the layout)."""
+    folder = Path(folder)
+    _check_folder(folder, "support")
+    extensions = image_extensions()
+    sources: dict[str, Path] = {}  # class -> the file or subfolder that defines it
+    members: dict[str, list[Path]] = {}
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            name, files = entry.name, list_images(entry)
+            if not files:
+                raise PredictError(f"support class folder {entry} holds no images")
+        elif entry.is_file() and entry.suffix.lower() in extensions:
+            name, files = entry.stem, [entry]
+        else:
+            continue
+        if name in sources:
+            raise PredictError(f"support folder {folder} has two entries for class {name!r}: "
+                               f"{sources[name].name} and {entry.name}; keep one (or put several "
+                               f"examples in one subfolder {name}/)")
+        sources[name], members[name] = entry, files
+    if not sources:
+        raise PredictError(f"support folder {folder} holds no images (one image per class, named by "
+                           "class, or one subfolder per class)")
+    classes = sorted(sources)
+    files = [f for c in classes for f in members[c]]
+    owner = np.asarray([i for i, c in enumerate(classes) for _ in members[c]], dtype=np.int64)
+    return SupportSet(classes=classes, files=files, owner=owner)
+
+
+def read_queries(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(relative path, file)`` of every query image, sorted by relative path."""
+    folder = Path(folder)
+    _check_folder(folder, "query")
+    files = list_images(folder)
+    if not files:
+        raise PredictError(f"query folder {folder} holds no images")
+    return [(f.relative_to(folder).as_posix(), f) for f in files]
+
+
+def load_images(files: Sequence[Path], size: int) -> np.ndarray:
+    """uint8 ``[N, size, size]`` ink images, preprocessed as for training and evaluation."""
+    out = np.zeros((len(files), size, size), dtype=np.uint8)
+    for i, path in enumerate(files):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise PredictError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+        try:
+            out[i] = quantize(decode_image(data, path=str(path), size=size))
+        except CorruptImageError as exc:
+            raise PredictError(str(exc)) from exc
+    return out
+
+
+def embed(model: Any, images: np.ndarray, batch_size: int = 256) -> Any:
+    """Embeddings ``[N, D]`` of uint8 images, computed once, in batches, without gradients."""
+    import torch
+
+    from siamese_core.fit import embed_images
+
+    with torch.no_grad():
+        return embed_images(model, images, batch_size=batch_size)
+
+
+def class_logits(model: Any, h_queries: Any, h_support: Any, owner: np.ndarray, n_classes: int) -> Any:
+    """Logits ``[Q, C]``: per class, the best (largest) logit over its support images."""
+    import torch
+
+    with torch.no_grad():
+        pair = model.pairwise_logits(h_queries, h_support)  # [Q, S]
+        index = torch.from_numpy(owner).to(pair.device)
+        best = torch.full((pair.shape[0], n_classes), float("-inf"), dtype=pair.dtype, device=pair.device)
+        return best.scatter_reduce(1, index.expand_as(pair), pair, reduce="amax", include_self=True)
+
+
+def predict(model: Any, support: SupportSet, queries: Sequence[tuple[str, Path]],
+            batch_size: int = 256) -> list[Prediction]:
+    """The predicted class and its similarity for every query (ties go to the first class by name)."""
+    import torch
+
+    from siamese_core.checkpoint import unwrap
+
+    net = unwrap(model).eval()
+    size = net.config.input_size
+    h_support = embed(net, load_images(support.files, size), batch_size)
+    h_queries = embed(net, load_images([path for _, path in queries], size), batch_size)
+    logits = class_logits(net, h_queries, h_support, support.owner, len(support.classes))
+    best = torch.argmax(logits, dim=1)  # first maximum: deterministic tie-break by class name
+    scores = torch.sigmoid(logits.gather(1, best[:, None]).squeeze(1))
+    return [Prediction(query=name, predicted=support.classes[int(c)], score=float(s))
+            for (name, _), c, s in zip(queries, best.tolist(), scores.tolist())]
+
+
+def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> None:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["query", "predicted", "score"])
+    for p in predictions:
+        writer.writerow([p.query, p.predicted, f"{p.score:.6f}"])
+
+
+def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> Any:
+    from workflows.models import load_any
+
+    try:
+        return load_any(spec, endpoint_url=endpoint_url, tracking_uri=tracking_uri)
+    except (OSError, ValueError) as exc:
+        raise PredictError(f"cannot load --model {spec}: {exc}") from exc
+    except Exception as exc:
+        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+        if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
+            raise PredictError(f"cannot load --model {spec} from MLflow: {exc}") from exc
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workflows.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="a checkpoint directory or model.pt (local or s3://), or an MLflow model URI "
+                             "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)")
+    parser.add_argument("--support", required=True, help="folder with one example image per class")
+    parser.add_argument("--query", required=True, help="folder of images to classify (searched recursively)")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --model")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI "
+                             "or ./mlflow.db)")
+    parser.add_argument("--output", default=None, help="write the CSV to this file instead of stdout")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    try:
+        # Cheap checks first: a typo in a folder should not wait for the model to load.
+        support = read_support(args.support)
+        queries = read_queries(args.query)
+        model = _load_model(args.model, args.endpoint_url, args.tracking_uri)
+        if len(support.classes) == 1:
+            print(f"warning: support folder {args.support} has a single class "
+                  f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
+        predictions = predict(model, support, queries, batch_size=args.batch_size)
+        if args.output is None:
+            write_csv(predictions, sys.stdout)
+            sys.stdout.flush()
+        else:
+            try:
+                with open(args.output, "w", newline="", encoding="utf-8") as stream:
+                    write_csv(predictions, stream)
+            except OSError as exc:
+                raise PredictError(f"cannot write --output {args.output}: {exc.strerror or exc}") from exc
+            print(f"wrote {len(predictions)} predictions ({len(support.classes)} classes) to {args.output}",
+                  file=sys.stderr)
+    except PredictError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
