@@ -136,6 +136,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
+    history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
         t0 = time.perf_counter()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
@@ -161,8 +162,9 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 rows += left.shape[0]
             step += time.perf_counter() - ts
         seconds = time.perf_counter() - t0
-        ray.train.report({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
-                          "wait_s": wait, "step_s": step})
+        history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
+                        "wait_s": wait, "step_s": step})
+        ray.train.report({"epoch": epoch, "history": json.dumps(history)})
 
 
 def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tuple[list[dict[str, float]], float]:
@@ -183,9 +185,7 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tu
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
-    frame = result.metrics_dataframe
-    cols = ["epoch", "train_seconds", "rows", "first_batch_s", "wait_s", "step_s"]
-    epochs = [{c: float(row[c]) for c in cols} for _, row in frame.iterrows()]
+    epochs = json.loads(result.metrics["history"])
     for e in epochs:
         print(f"  pipeline epoch {int(e['epoch'])}: {int(e['rows'])} pairs in {e['train_seconds']:.2f}s = "
               f"{e['rows'] / e['train_seconds']:.0f} pairs/s (first batch {e['first_batch_s']:.2f}s, "
@@ -321,6 +321,7 @@ class PeakPoller(threading.Thread):
 
     def __init__(self, markers: dict[str, str], interval: float = 0.05) -> None:
         super().__init__(daemon=True)
+        self.raylet = raylet_pid()
         self.markers, self.interval = markers, interval
         self.peak_rss: dict[str, dict[int, int]] = {k: {} for k in markers}
         self.peak_store = 0
@@ -333,6 +334,10 @@ class PeakPoller(threading.Thread):
             for proc in psutil.process_iter(["cmdline"]):
                 try:
                     title = " ".join(proc.info["cmdline"] or [])
+                    if not any(marker in title for marker in self.markers.values()):
+                        continue
+                    if self.raylet is not None and proc.ppid() != self.raylet:
+                        continue  # another Ray instance on this machine
                     for key, marker in self.markers.items():
                         if marker in title:
                             rss = proc.memory_info().rss
@@ -340,21 +345,36 @@ class PeakPoller(threading.Thread):
                             seen[proc.pid] = max(seen.get(proc.pid, 0), rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            self.peak_store = max(self.peak_store, object_store_used())
+            polls = getattr(self, "_polls", 0)
+            self._polls = polls + 1
+            if polls % 20 == 0:  # the store summary is an RPC: about once a second
+                self.peak_store = max(self.peak_store, object_store_used())
             self.stop.wait(self.interval)
+
+
+def raylet_pid() -> int | None:
+    """The pid of this session's raylet (its workers are its children), or None."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.worker import _global_node
+
+        return _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def object_store_used() -> int:
     """Bytes in this node's plasma store (0 if the API is not available)."""
-    try:
-        from ray._private.internal_api import memory_summary  # noqa: F401
-        import ray
+    import re
 
-        total = ray.cluster_resources().get("object_store_memory", 0)
-        free = ray.available_resources().get("object_store_memory", total)
-        return int(total - free)
+    try:
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(stats_only=True)
     except Exception:  # noqa: BLE001
         return 0
+    match = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(match.group(1)) * 2**20 if match else 0
 
 
 def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:

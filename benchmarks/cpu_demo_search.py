@@ -16,6 +16,13 @@ Try a variation (dotted keys of ``TrainingRecipe``; selection on validation only
         training.time_budget_s=240 --tag lr0.02
 
 Each run appends one JSON line to ``--results`` (default benchmarks/results/cpu_demo_search.jsonl).
+
+The budget is wall-clock (``training.time_budget_s=480``), so the number of epochs,
+and with it the accuracy, depends on how busy the 2 cores are: on a quiet machine an
+epoch (10,000 pairs, batch 32) takes ~15-25 s; on a contended one several times
+longer. The JSON line records ``epochs_run`` and ``seconds_per_epoch`` to tell which.
+Use ``--set training.time_budget_s=100000 training.epochs=N`` for a load-independent
+comparison at a fixed amount of training.
 """
 
 from __future__ import annotations

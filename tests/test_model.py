@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from siamese_core.config import LAYER_NAMES, ModelConfig
-from siamese_core.model import SiameseNet, build_model, init_paper_weights, layer_shapes, parameter_count
+from siamese_core.model import (SiameseNet, build_model, init_kaiming_weights, init_paper_weights, init_weights,
+                                 layer_shapes, parameter_count)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_init_is_seeded() -> None:
     assert torch.equal(a.fc.weight, b.fc.weight)
     assert not torch.equal(a.fc.weight, c.fc.weight)
     g = torch.Generator().manual_seed(1)
-    d = init_paper_weights(SiameseNet(ModelConfig.from_preset("cpu-small")), g)
+    d = init_weights(SiameseNet(ModelConfig.from_preset("cpu-small")), g)
     assert torch.equal(d.conv1.weight, a.conv1.weight)
 
 
@@ -126,7 +127,7 @@ def test_custom_config_and_too_small_input() -> None:
 
 def test_fan_in_scaled_init_is_the_paper_init_for_koch_and_keeps_gain_for_small() -> None:
     from siamese_core.model import _fan_ins
-    koch_cfg, small_cfg = ModelConfig.from_preset("koch"), ModelConfig.from_preset("cpu-small")
+    koch_cfg, small_cfg = ModelConfig.from_preset("koch"), ModelConfig.from_preset("cpu-small", init="paper")
     assert _fan_ins(koch_cfg) == {"conv1": 100, "conv2": 3136, "conv3": 2048, "conv4": 2048,
                                   "fc": 9216, "head": 4096}
     small = build_model(small_cfg, seed=0)
@@ -135,3 +136,26 @@ def test_fan_in_scaled_init_is_the_paper_init_for_koch_and_keeps_gain_for_small(
     assert small.fc.weight.std().item() == pytest.approx(expected, rel=0.05)
     literal = init_paper_weights(SiameseNet(small_cfg), torch.Generator().manual_seed(0), fan_in_scaled=False)
     assert literal.fc.weight.std().item() == pytest.approx(0.2, rel=0.05)
+
+
+def test_init_option_koch_stays_paper_and_kaiming_does_not_saturate() -> None:
+    assert ModelConfig.from_preset("koch").init == "paper"
+    with pytest.raises(ValueError):
+        ModelConfig(init="xavier")
+    cfg = ModelConfig.from_preset("cpu-small", init="kaiming")
+    m = build_model(cfg, seed=0)
+    ref = init_kaiming_weights(SiameseNet(cfg), torch.Generator().manual_seed(0))
+    assert torch.equal(m.fc.weight, ref.fc.weight)
+    assert m.conv1.weight.std().item() == pytest.approx((2.0 / m.conv1.weight[0].numel()) ** 0.5, rel=0.15)
+    assert m.fc.weight.std().item() == pytest.approx(m.flat_dim ** -0.5, rel=0.05)
+    # a paper-init koch-shaped preset is unaffected by the option's existence
+    assert torch.equal(build_model(ModelConfig.from_preset("cpu-small", init="paper"), seed=0).fc.weight,
+                       init_paper_weights(SiameseNet(ModelConfig.from_preset("cpu-small", init="paper")),
+                                          torch.Generator().manual_seed(0)).fc.weight)
+    # embeddings of different images differ and few sigmoid units saturate
+    torch.manual_seed(0)
+    x = (torch.rand(16, 1, cfg.input_size, cfg.input_size) > 0.8).float()
+    with torch.no_grad():
+        h = m.embed(x)
+    assert ((h < 0.02) | (h > 0.98)).float().mean().item() < 0.05
+    assert h.std(dim=0).mean().item() > 1e-2

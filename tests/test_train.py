@@ -88,3 +88,12 @@ def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray
 def test_unknown_key_exits_2_with_message(capsys) -> None:
     assert train.main(["--set", "optim.lrr=0.1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_job_name_is_refused(trained) -> None:
+    summary, cfg, _ = trained
+    from workflows import storage
+
+    loc = storage.locate(cfg.cluster.storage_path)
+    with pytest.raises(ConfigError, match="already finished"):
+        train.previous_mlflow_run(loc, cfg, summary["tracking_uri"])

@@ -30,6 +30,25 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _job_env_var_keys() -> set[str]:
+    """Env var keys the submitted job's runtime env already sets (empty outside ``ray job submit``).
+
+    Ray refuses to merge a job's runtime env with a driver's ``ray.init(runtime_env=...)``
+    that names the same env var ("Failed to merge the Job's runtime env ... because of a
+    conflict"); the job's value is already in this process's environment and reaches the
+    workers through the job, so the driver leaves those keys out.
+    """
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}).keys())
+    except (ValueError, AttributeError):
+        return set()
+
+
 def local_logical_cpus() -> int:
     """CPU slots for a private single-host Ray: at least 4, whatever the cores.
 
@@ -48,10 +67,17 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": not quiet,
+    in_job = _job_env_var_keys()
+    env_vars = {k: v for k, v in worker_env().items() if k not in in_job}
+    kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": not quiet,
                     "configure_logging": True, "logging_level": "WARNING" if quiet else "INFO"}
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        if "://" not in address and "RAY_ADDRESS" not in in_job:
+            # Ray Train's placement-group cleaner (a worker-side actor) looks the cluster
+            # up through the state API; without the address it refuses when several Ray
+            # instances run on the host ("Found multiple active Ray instances").
+            env_vars["RAY_ADDRESS"] = address
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

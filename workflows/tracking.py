@@ -35,14 +35,21 @@ def resolve_tracking_uri(uri: str | None = None, base_dir: Path | None = None) -
 
 @contextmanager
 def mlflow_run(tracking_uri: str, experiment: str, run_name: str,
-               tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start (and always end) one MLflow run in ``experiment``, creating it if needed."""
+               tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Iterator[Any]:
+    """Start (and always end) one MLflow run in ``experiment``, creating it if needed.
+
+    With ``run_id``, continue that run instead (a resumed training job stays one run).
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     ensure_experiment(tracking_uri, experiment)
     mlflow.set_experiment(experiment)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
     with mlflow.start_run(run_name=run_name, tags=dict(tags or {})) as run:
         yield run
 

@@ -254,6 +254,33 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
     )
 
 
+RUN_MARKER = "mlflow_run.json"
+
+
+def previous_mlflow_run(storage_loc: Any, cfg: JobConfig, tracking_uri: str) -> str | None:
+    """The MLflow run of an earlier, unfinished attempt of this job (same name and storage path)."""
+    from workflows import storage
+
+    marker = storage_loc.join(cfg.cluster.name, RUN_MARKER)
+    if not storage.exists(storage_loc.fs, marker):
+        return None
+    previous = storage.read_json(storage_loc.fs, marker)
+    if previous.get("finished"):
+        raise ConfigError(f"training run {cfg.cluster.name!r} in {storage_loc.uri} already finished "
+                          f"(MLflow run {previous.get('run_id')}); pick another --name to train again")
+    if previous.get("tracking_uri") != tracking_uri:
+        return None
+    return str(previous["run_id"])
+
+
+def remember_mlflow_run(storage_loc: Any, cfg: JobConfig, tracking_uri: str, run_id: str,
+                        finished: bool = False) -> None:
+    from workflows import storage
+
+    storage.write_json(storage_loc.fs, storage_loc.join(cfg.cluster.name, RUN_MARKER),
+                       {"run_id": run_id, "tracking_uri": tracking_uri, "finished": finished})
+
+
 def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     """The kept checkpoint with the highest validation one-shot accuracy (the paper's 'best epoch')."""
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_oneshot_accuracy" in m]
@@ -272,9 +299,14 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
     checks = preflight(cfg)
     tracking_uri = checks["tracking_uri"]
     run_name = cfg.tracking.run_name or f"train-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name,
+    resumed = previous_mlflow_run(checks["storage"], cfg, tracking_uri)
+    with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
                              tags={"job": "train", "preset": cfg.model.preset}) as mlrun:
-        tracking.log_config(cfg)
+        if resumed is None:
+            tracking.log_config(cfg)
+            remember_mlflow_run(checks["storage"], cfg, tracking_uri, mlrun.info.run_id)
+        else:
+            print(f"Resuming {cfg.cluster.name!r} from {checks['storage'].uri}: MLflow run {resumed}")
         with ray_setup.ray_session(quiet=False):
             check_resources(cfg)
             loop_config = {"recipe": recipe, "overrides": overrides}
@@ -294,6 +326,7 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
         tracking.log_oneshot(test.result, "test")
         tracking.log_oneshot_figures(test, "test")
         model_uri = tracking.log_model(model, cfg.tracking.registered_model)
+        remember_mlflow_run(checks["storage"], cfg, tracking_uri, mlrun.info.run_id, finished=True)
         return {"run_id": mlrun.info.run_id, "tracking_uri": tracking_uri, "test_accuracy": test.result.accuracy,
                 "test_correct": test.result.correct, "test_trials": test.result.trials,
                 "best_epoch": int(best_metrics["epoch"]),
@@ -348,10 +381,16 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(job_config.to_plain(cfg.to_dict()), sort_keys=True))
         return 0
+    from workflows.shards import DatasetError
+    from workflows.storage import StorageError
+
     try:
         summary = run(cfg, recipe, overrides)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (DatasetError, StorageError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
           f"{summary['test_trials']} trials, 20-way within-alphabet, Lake's 10 test alphabets); "

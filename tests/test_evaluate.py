@@ -1,0 +1,101 @@
+"""``python -m workflows.evaluate`` on real shards: checkpoint vs registered model, and the pixel baseline.
+
+Uses the session's small real shards (2 test alphabets: 2 runs x 20 trials
+each = 80 one-shot trials) and a throwaway MLflow SQLite store per test.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from siamese_core import checkpoint
+from siamese_core.model import build_model
+from workflows import evaluate, tracking
+
+pytestmark = pytest.mark.integration
+
+TRIALS = 80  # 2 test alphabets x 2 runs x 20 trials
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite tracking store; the default ./mlflow.db is pointed away from the repository."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "tracking").mkdir()
+    return f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
+
+
+def _runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment} in {uri}"
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _artifacts(uri: str, run_id: str, folder: str) -> set[str]:
+    from mlflow.tracking import MlflowClient
+
+    return {a.path for a in MlflowClient(uri).list_artifacts(run_id, folder)}
+
+
+def test_checkpoint_and_registered_model_score_the_same(small_shards, store, tmp_path, capsys):
+    model = build_model("cpu-small", seed=3)
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    checkpoint.save(ckpt, model)
+    with tracking.mlflow_run(store, "register", run_name="register-t-model"):
+        tracking.log_model(model, "t-model")
+
+    common = ["--data", small_shards, "--split", "test", "--seed", "7", "--tracking-uri", store,
+              "--experiment", "eval-test"]
+    assert evaluate.main([*common, "--model", str(ckpt)]) == 0
+    from_ckpt = capsys.readouterr().out
+    assert evaluate.main([*common, "--model", "models:/t-model/1"]) == 0
+    from_registry = capsys.readouterr().out
+    assert f"/{TRIALS} trials" in from_ckpt and "Recorded in MLflow run" in from_registry
+
+    runs = _runs(store, "eval-test")
+    assert [r.data.params["model"] for r in runs] == [str(ckpt), "models:/t-model/1"]
+    accuracies = [r.data.metrics["test_oneshot_accuracy"] for r in runs]
+    assert accuracies[0] == accuracies[1]
+    for run in runs:
+        assert run.data.metrics["test_oneshot_trials"] == TRIALS
+        assert run.data.tags["job"] == "evaluate"
+        assert run.data.params["seed"] == "7"
+        assert {"oneshot/test_per_alphabet.png", "oneshot/test_trials.png", "oneshot/test.json"} <= \
+            _artifacts(store, run.info.run_id, "oneshot")
+    # the printed accuracy is the recorded one
+    printed = re.search(r"on test: ([\d.]+)% \((\d+)/(\d+) trials", from_ckpt)
+    assert printed is not None and int(printed[3]) == TRIALS
+    assert float(printed[1]) / 100 == pytest.approx(accuracies[0], abs=5e-5)
+
+    # Stronger than equal accuracy: the same choice in every trial.
+    request = evaluate.EvaluationRequest(data=small_shards, split="test", seed=7, tracking_uri=store)
+    a = evaluate.evaluate(evaluate.EvaluationRequest(**{**request.__dict__, "model": str(ckpt)})).result
+    b = evaluate.evaluate(evaluate.EvaluationRequest(**{**request.__dict__, "model": "models:/t-model/1"})).result
+    np.testing.assert_array_equal(a.predicted, b.predicted)
+    assert a.trials == b.trials == TRIALS
+    assert a.accuracy == accuracies[0]
+
+
+def test_pixel_baseline_beats_chance(small_shards, store, capsys):
+    assert evaluate.main(["--data", small_shards, "--model", "pixel-nn", "--tracking-uri", store]) == 0
+    out = capsys.readouterr().out
+    assert "pixel-nn on test:" in out and "Atlantean" in out and "Tengwar" in out
+    [run] = _runs(store, tracking.DEFAULT_EXPERIMENT)
+    accuracy = run.data.metrics["test_oneshot_accuracy"]
+    assert run.data.metrics["test_oneshot_trials"] == TRIALS
+    assert accuracy >= 0.15, f"pixel-nn {accuracy:.2%} is not well above chance (5%)"
+    assert "oneshot/test_per_alphabet.png" in _artifacts(store, run.info.run_id, "oneshot")
+    # Deterministic: the same trials and accuracy again, without recording.
+    assert evaluate.main(["--data", small_shards, "--model", "pixel-nn", "--no-mlflow"]) == 0
+    assert f"{accuracy:.2%}" in capsys.readouterr().out
+    assert not (Path.cwd() / "mlflow.db").exists()

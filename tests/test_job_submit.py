@@ -1,0 +1,268 @@
+"""The documented local cluster, for real: token auth, loopback, ``ray job submit``.
+
+Does what README "Local Ray cluster (ray job submit)" and infra/local-ray.md tell a
+user to type, in a private sandbox:
+
+- a token generated with ``ray get-auth-token --generate`` under a temporary HOME
+  (the user's real ``~/.ray`` is never read or written);
+- an authenticated head (``RAY_AUTH_MODE=token``, loopback only) started with
+  ``ray start --head --block`` as a subprocess in its own process group, on free
+  ports and its own ``--temp-dir`` so it cannot collide with the test session's
+  in-process Ray or any other Ray on the machine;
+- the tiny training submitted with ``ray job submit --working-dir <project>
+  --runtime-env infra/runtime_env.yaml``, run to SUCCEEDED, and its MLflow run
+  found in the sqlite store the job wrote;
+- a submission without the token, and one with a wrong token, refused;
+- only that process group stopped (never a bare ``ray stop``, which would stop
+  every Ray on the machine), and checked gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
+BIN = Path(sys.executable).parent  # the venv's bin: its `ray` and `python`
+JOB_TIMEOUT_S = 300
+EXPERIMENT = "job-submit-test"
+
+pytestmark = pytest.mark.integration
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback, none in Ray's default worker range."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in ports and not 10002 <= port <= 19999:
+            ports.append(port)
+    return ports
+
+
+def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _http(url: str, token: str | None, timeout: float = 10) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 25) -> None:
+    """SIGTERM the head's process group (ray start --block tears its processes down), then SIGKILL."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.5)
+    if _group_alive(pgid):  # gcs_server can sit on SIGTERM for a long time
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    home = tmp_path / "home"
+    home.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    # Short: Ray puts unix sockets under it (path length limit ~107 bytes).
+    temp_dir = Path(tempfile.mkdtemp(prefix="rjs-", dir="/tmp"))
+    head_log = tmp_path / "head.log"
+
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "VIRTUAL_ENV"))}
+    base_env.update({
+        "HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as after `source .venv/bin/activate`
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    })
+    auth_env = {**base_env, "RAY_AUTH_MODE": "token"}
+
+    # 1. the token, in the temporary HOME only
+    generated = _ray(["get-auth-token", "--generate"], auth_env, timeout=60)
+    assert generated.returncode == 0, generated.stderr
+    token_file = home / ".ray" / "auth_token"
+    assert token_file.is_file()
+    token = token_file.read_text().strip()
+    assert token and generated.stdout.strip() == token
+
+    # 2. the authenticated head, in its own process group, on free ports
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, dm, am = _free_ports(11)
+    head_env = {**auth_env, "DASHBOARD_METRIC_PORT": str(dm), "AUTOSCALER_METRIC_PORT": str(am)}
+    head_cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
+                f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
+                f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}"]
+    log_handle = head_log.open("w")
+    head = subprocess.Popen(head_cmd, env=head_env, cwd=PROJECT_ROOT, stdout=log_handle,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    submission_id = f"test-{uuid.uuid4().hex[:8]}"
+    job_logs = ""
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, f"ray start exited {head.returncode}:\n{head_log.read_text()[-5000:]}"
+            try:
+                status, _ = _http(f"{address}/api/jobs/", token, timeout=5)
+            except (urllib.error.URLError, OSError):
+                status = 0
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, f"dashboard not up after 120 s:\n{head_log.read_text()[-5000:]}"
+            time.sleep(1)
+        head_up_s = time.monotonic() - started
+
+        # 3. the job, exactly as documented (plus a fixed submission id and --no-wait)
+        tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+        submit = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
+                       "--working-dir", ".", "--runtime-env", str(RUNTIME_ENV.relative_to(PROJECT_ROOT)), "--",
+                       "python", "-m", "workflows.train", "--data", small_shards,
+                       "--tracking-uri", tracking_uri, "--storage-path", str(out / "runs"),
+                       "--experiment", EXPERIMENT, "--workers", "2", "--epochs", "1",
+                       # 256 pairs over 2 workers at batch 64: two real steps per worker
+                       "--set", "pairs.pairs_per_epoch=256", "--set", "training.batch_size=64",
+                       "--set", "pairs.distorted_copies=1", "--set", "training.threads=1",
+                       "--set", "tracking.registered_model=none"], auth_env)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        assert "Uploading package gcs://" in submit.stdout + submit.stderr
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        job_status = "PENDING"
+        while time.monotonic() < deadline:
+            code, body = _http(f"{address}/api/jobs/{submission_id}", token)
+            assert code == 200, body
+            job_status = json.loads(body)["status"]
+            if job_status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                break
+            time.sleep(3)
+        job_s = time.monotonic() - started - head_up_s
+        logs = _ray(["job", "logs", "--address", address, submission_id], auth_env)
+        job_logs = logs.stdout + logs.stderr
+        if job_status not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            _ray(["job", "stop", "--address", address, "--no-wait", submission_id], auth_env)
+        assert job_status == "SUCCEEDED", f"job {submission_id} is {job_status}; logs:\n{job_logs[-20000:]}"
+        assert logs.returncode == 0 and "test one-shot accuracy" in job_logs
+
+        # the working dir the job ran in: the project's code, none of the excluded bulk
+        packages = list(temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+        assert len(packages) == 1, packages
+        shipped = {p.name for p in packages[0].iterdir()}
+        assert {"workflows", "siamese_core", "pyproject.toml"} <= shipped, shipped
+        assert not shipped & {".venv", "data", "mlflow.db", "mlartifacts", "runs", ".git"}, shipped
+        assert sum(f.stat().st_size for f in packages[0].rglob("*") if f.is_file()) < 20 * 2**20
+
+        # 4. the MLflow run the job wrote
+        from mlflow.tracking import MlflowClient
+
+        mlflow_client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = mlflow_client.get_experiment_by_name(EXPERIMENT)
+        assert experiment is not None
+        runs = mlflow_client.search_runs([experiment.experiment_id])
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["cluster.workers"] == "2"
+        assert run.data.params["data.uri"] == small_shards
+        assert run.data.params["pairs.pairs_per_epoch"] == "256"
+        history = mlflow_client.get_metric_history(run.info.run_id, "val_oneshot_accuracy")
+        assert len(history) == 1 and 0.0 <= history[0].value <= 1.0
+        assert 0.0 <= run.data.metrics["test_oneshot_accuracy"] <= 1.0
+        assert run.data.metrics["steps"] >= 1  # the workers really trained
+
+        # 5. without the token: refused
+        no_token_home = tmp_path / "no-token-home"
+        no_token_home.mkdir()
+        refused = _ray(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
+                       {**base_env, "HOME": str(no_token_home)}, timeout=60)
+        assert refused.returncode != 0
+        assert "Authentication required" in refused.stdout + refused.stderr
+        wrong = _ray(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
+                     {**auth_env, "HOME": str(no_token_home), "RAY_AUTH_TOKEN": uuid.uuid4().hex}, timeout=60)
+        assert wrong.returncode != 0
+        assert "Invalid authentication token" in wrong.stdout + wrong.stderr
+        assert _http(f"{address}/api/jobs/", None)[0] == 401
+        code, body = _http(f"{address}/api/jobs/", token)
+        assert code == 200 and [job["submission_id"] for job in json.loads(body)] == [submission_id]
+        print(f"head up {head_up_s:.0f}s, job {job_s:.0f}s, total {time.monotonic() - started:.0f}s")
+    except BaseException:
+        if job_logs:
+            print(f"--- job logs ({submission_id}) ---\n{job_logs[-20000:]}")
+        print(f"--- head log ---\n{head_log.read_text()[-5000:] if head_log.exists() else ''}")
+        raise
+    finally:
+        # 6. stop only what this test started, and check it is gone
+        _stop_group(head)
+        log_handle.close()
+        left = _group_alive(head.pid) + _processes_mentioning(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert head.returncode is not None
+    assert not left, f"processes of the test's head still running: {left}"
