@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a few steps, small preset, 2 alphabets (smoke test)")
     parser.add_argument("--preset", choices=sorted(MODEL_PRESETS), help="default: koch (cpu-small with --quick)")
-    parser.add_argument("--batch", type=int, default=128, help="training rows per step (paper: 128)")
+    parser.add_argument("--batch", type=int, default=None, help="training rows per step (paper: 128; --quick: 36)")
     parser.add_argument("--copies", type=int, default=8, help="distorted copies per pair (paper: 8)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
@@ -232,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs-per-alphabet", type=int, default=1000,
                         help="pairs the stage draws per alphabet (paper: 30k/30 = 1000)")
     parser.add_argument("--alphabets", type=int, default=None, help="alphabets in the data probe (default all 30)")
-    parser.add_argument("--variants", default="fp32,bf16", help="precisions to time")
+    parser.add_argument("--variants", default="fp32,bf16", help="precisions to time (comma-separated)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     preset = args.preset or ("cpu-small" if args.quick else "koch")
-    steps = args.steps or (3 if args.quick else 200)
+    args.batch = args.batch or (36 if args.quick else 128)
+    steps = args.steps or (2 if args.quick else 200)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 20)
-    alphabets = args.alphabets or (2 if args.quick else None)
+    alphabets = args.alphabets or (1 if args.quick else None)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

@@ -212,7 +212,11 @@ EOF
     fi
     cpus=${STACK_RAY_CPUS:-$(( $(nproc) > 4 ? $(nproc) : 4 ))}
     log "starting Ray head on $HOST:$RAY_PORT (dashboard http://$HOST:$DASHBOARD_PORT, token auth)"
+    # The venv's bin first on PATH: `python` in a submitted job's entrypoint is the
+    # project's Python (jobs inherit the head's environment), as if started from an
+    # activated virtual environment.
     start_session ray env -u RAY_AUTH_TOKEN -u RAY_ADDRESS "${stack_env[@]}" \
+        PATH="$BIN:$PATH" VIRTUAL_ENV="$(dirname "$BIN")" \
         "$BIN/ray" start --head --block --disable-usage-stats --node-ip-address "$HOST" \
         --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \
         --ray-client-server-port "$CLIENT_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \

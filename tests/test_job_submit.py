@@ -183,7 +183,7 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
 
         # 3. the job, exactly as documented (plus a fixed submission id and --no-wait)
         tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
-        submit = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
+        submit_args = ["job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
                        "--working-dir", ".", "--runtime-env", str(RUNTIME_ENV.relative_to(PROJECT_ROOT)), "--",
                        "python", "-m", "workflows.train", "--data", small_shards,
                        "--tracking-uri", tracking_uri, "--storage-path", str(out / "runs"),
@@ -191,7 +191,13 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
                        # 256 pairs over 2 workers at batch 64: two real steps per worker
                        "--set", "pairs.pairs_per_epoch=256", "--set", "training.batch_size=64",
                        "--set", "pairs.distorted_copies=1", "--set", "training.threads=1",
-                       "--set", "tracking.registered_model=none"], auth_env)
+                       "--set", "tracking.registered_model=none"]
+        deadline = time.monotonic() + 90
+        while True:  # the dashboard answers before the head's job agent has registered
+            submit = _ray(submit_args, auth_env)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout + submit.stderr
         assert "Uploading package gcs://" in submit.stdout + submit.stderr
 
@@ -211,9 +217,12 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
             _ray(["job", "stop", "--address", address, "--no-wait", submission_id], auth_env)
         assert job_status == "SUCCEEDED", f"job {submission_id} is {job_status}; logs:\n{job_logs[-20000:]}"
         assert logs.returncode == 0 and "test one-shot accuracy" in job_logs
+        # two Ray instances on this host (this head, the session's): workers must know which is theirs
+        assert "Found multiple active Ray instances" not in job_logs
 
         # the working dir the job ran in: the project's code, none of the excluded bulk
-        packages = list(temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
+        packages = [p for p in temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
+                    if p.is_dir()]
         assert len(packages) == 1, packages
         shipped = {p.name for p in packages[0].iterdir()}
         assert {"workflows", "siamese_core", "pyproject.toml"} <= shipped, shipped

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking.log_oneshot(result, request.split)
             tracking.log_oneshot_figures(evaluation, request.split)
         print(f"Recorded in MLflow run {run.info.run_id} at {uri}")
-        print(f"Open the UI with: mlflow ui --backend-store-uri {uri}")
+        print(f"Review it: {tracking.ui_hint(uri)}")
     return 0
 
 

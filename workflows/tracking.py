@@ -54,6 +54,13 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str,
         yield run
 
 
+def ui_hint(tracking_uri: str) -> str:
+    """What a user types (or opens) to review runs in this store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Artifacts of a SQLite store go beside the database, by absolute path.
 

@@ -397,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
           f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}), "
           f"training {summary['train_seconds']:.0f}s")
     print(f"MLflow run {summary['run_id']}; model {summary['model_uri']}")
-    print(f"Review it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    from workflows import tracking
+
+    print(f"Review it: {tracking.ui_hint(summary['tracking_uri'])}")
     return 0
 
 

@@ -1,0 +1,42 @@
+"""The GPU benchmark's CPU smoke mode runs and prints its figures (no Ray, no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_quick_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--quick",
+         "--threads", "1", "--source", "synthetic", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    steps = [l for l in lines if l.startswith("step ")]
+    assert {tuple(l.split(":")[0].split()[1:]) for l in steps} == {
+        ("fp32", "contiguous"), ("fp32", "channels_last"), ("bf16", "contiguous"), ("bf16", "channels_last")}
+    for line in steps:
+        assert re.fullmatch(r"step (fp32|bf16) (contiguous|channels_last): \d+ pairs/s \([\d.]+ ms/step\)", line)
+    assert any(re.match(r"data: \d+ pairs/s per core \(\d+ training pairs/s per core with 8 copies\)", l)
+               for l in lines), proc.stdout
+    assert any(re.match(r"feed: best step \S+ \S+ \d+ pairs/s needs [\d.]+ CPU cores", l) for l in lines), proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["preset"] == "cpu-small" and len(figures["steps"]) == 4
+    assert figures["data"]["pairs"] > 0 and figures["cores_needed"] > 0
+
+
+def test_gpu_bench_imports_no_ray() -> None:
+    """It must run on a bare GPU machine: no Ray, MLflow or workflows imports."""
+    code = ("import sys, runpy; sys.argv = ['gpu_bench.py', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'workflows')]\n"
+            "assert not bad, bad\n") % str(ROOT / "benchmarks" / "gpu_bench.py")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
