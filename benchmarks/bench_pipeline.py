@@ -73,6 +73,8 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "training.epochs": args.epochs, "training.seed": args.seed,
         "cluster.workers": 1,
     })
+    if args.shuffle_buffer is not None:
+        overrides["data.shuffle_buffer_pairs"] = args.shuffle_buffer
     return overrides
 
 
@@ -216,6 +218,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     manifest = shards.read_manifest(cfg.data.uri)
     n_alphabets = int(manifest.splits["train"]["alphabets"])
     print(f"== pipeline overhead: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), "
+          f"shuffle buffer {cfg.data.shuffle_buffer_pairs} pairs, "
           f"batch {args.batch}, {args.threads} torch threads, {args.epochs} epochs, 1 Train worker, "
           f"{os.cpu_count()} cores", flush=True)
     t0 = time.perf_counter()
@@ -390,7 +393,7 @@ def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
     ds = training_pairs(uri, pair_cfg, cfg.model.input_size, cfg.training.seed,
                         num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
                         concurrency=cfg.data.pair_stage_concurrency)
-    poller = PeakPoller({"pair_stage": "PairStage", "read": "ReadParquet"})
+    poller = PeakPoller({"pair_stage": "PairStage", "read": "Parquet"})
     poller.start()
     t0 = time.perf_counter()
     n = 0
@@ -457,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shuffle-buffer", type=int, default=None,
+                        help="override data.shuffle_buffer_pairs (default: the config's 4096; 0: none)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)

@@ -19,6 +19,7 @@ def _overrides(small_shards: str, tmp_path: Path, **extra: str) -> dict[str, str
     return {"data.uri": small_shards, "cluster.storage_path": str(tmp_path / "runs"),
             "cluster.name": "t", "cluster.workers": "2", "training.epochs": "2",
             "training.threads": "1", "pairs.pairs_per_epoch": "240", "pairs.distorted_copies": "1",
+            "training.batch_size": "32",
             "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "tracking.experiment": "t-train",
             "tracking.registered_model": "t-siamese", **extra}
 
@@ -48,6 +49,8 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert sorted(m.step for m in history) == [0, 1]
     assert all(0.0 <= m.value <= 1.0 for m in history)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    # 120 pairs per worker -> 3 batches of 32 pairs, each expanded x2 -> 6 steps per epoch.
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [6.0, 6.0]
     # 2 test alphabets x 2 runs x 20 queries, scored once from the best checkpoint.
     assert summary["test_trials"] == 80
     assert run.data.metrics["test_oneshot_accuracy"] == pytest.approx(summary["test_accuracy"])
@@ -83,6 +86,13 @@ def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray
     cfg = job_config.build("demo", overrides=_overrides(small_shards, tmp_path, **{"cluster.gpus_per_worker": "1"}))
     with pytest.raises(ConfigError, match="GPU"):
         train.check_resources(cfg)
+
+
+def test_too_few_pairs_for_one_step_is_refused(tmp_path: Path) -> None:
+    cfg = job_config.build("demo", overrides={"pairs.pairs_per_epoch": "200", "cluster.workers": "2",
+                                              "training.batch_size": "128"})
+    with pytest.raises(ConfigError, match="no training step"):
+        train.preflight(cfg)
 
 
 def test_unknown_key_exits_2_with_message(capsys) -> None:

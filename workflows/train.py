@@ -193,6 +193,12 @@ def preflight(cfg: JobConfig) -> dict[str, Any]:
     """Everything that can be checked before asking Ray for resources; fails with what to fix."""
     from workflows import shards, storage, tracking
 
+    per_worker = cfg.pairs.pairs_per_epoch // cfg.cluster.workers
+    if per_worker < cfg.training.batch_size:
+        raise ConfigError(f"pairs.pairs_per_epoch={cfg.pairs.pairs_per_epoch} over {cfg.cluster.workers} workers "
+                          f"gives {per_worker} pairs each, less than one batch of training.batch_size="
+                          f"{cfg.training.batch_size}: no training step would run. Raise pairs.pairs_per_epoch "
+                          "or lower training.batch_size / cluster.workers")
     manifest = shards.read_manifest(cfg.data.uri, cfg.data.endpoint_url)
     for split in ("train", "validation", "test"):
         if not manifest.shards_of(split):
