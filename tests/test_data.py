@@ -103,3 +103,20 @@ def test_expand_copies_and_steps() -> None:
     seen = torch.cat([s[0] for s in steps]).flatten()
     assert len(set(seen.tolist())) <= 4 and torch.equal(torch.cat([s[1] for s in steps]), torch.cat(
         [s[0] for s in steps]) + 10)
+
+
+@pytest.mark.integration
+def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(small_shards: str) -> None:
+    """Through Ray Data itself: each pass (epoch) draws new pairs; a block is one shard."""
+    dataset = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3)
+    epochs = []
+    for _ in range(2):
+        blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        # 3 training alphabets, one shard each, 90 / 3 = 30 pairs per shard.
+        assert sorted(len(b["same"]) for b in blocks) == [30, 30, 30]
+        epochs.append(blocks)
+    assert {int(e) for b in epochs[0] for e in b["epoch"]} == {0}
+    assert {int(e) for b in epochs[1] for e in b["epoch"]} == {1}
+    first = np.sort(np.concatenate([b["left"].reshape(len(b["left"]), -1).sum(1) for b in epochs[0]]))
+    second = np.sort(np.concatenate([b["left"].reshape(len(b["left"]), -1).sum(1) for b in epochs[1]]))
+    assert not np.array_equal(first, second)

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from siamese_core.config import (DEMO_DEFAULTS, MODEL_PRESETS, ConfigError, DistortionConfig,
                                  ModelConfig, OptimizerConfig, PairConfig, TrainingConfig,
-                                 TrainingRecipe, _require, apply_overrides)
+                                 LAYER_NAMES, TrainingRecipe, _require, apply_overrides)
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class DataSection:
     pair_stage_concurrency: int = 1
     read_cpus: float = 0.25
     """CPUs per Parquet read task (fractional for the same reason)."""
-    shuffle_buffer_pairs: int = 4096
-    """Local shuffle buffer on each worker: mixes alphabets across a bounded window of shards."""
+    shuffle_buffer_pairs: int = 512
+    """Local shuffle buffer on each worker: mixes alphabets across a bounded window of shards.
+    The first batch waits until it is full, so keep it small (pairs are already shuffled
+    within each shard)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.uri), "data.uri must name the shards written by workflows.ingest")
@@ -121,10 +123,19 @@ def from_recipe(name: str) -> JobConfig:
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> dotted keys; per-layer dicts (``optim.lr_multipliers``) stay nested keys."""
+    """Nested mapping -> dotted keys.
+
+    A per-layer dict (``optim.lr_multipliers``: keys are layer names) stays one value,
+    so a file *replaces* the base recipe's dict instead of merging into it: a written
+    resolved config then reads back identically onto any base (e.g. the demo's
+    ``{"fc": 3, "head": 3}`` multipliers do not leak into a "paper" config).
+    The command line (``optim.lr_multipliers.head=2``) still sets single layers.
+    """
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping) and value and set(value) <= set(LAYER_NAMES):
+            flat[f"{prefix}{key}"] = dict(value)
+        elif isinstance(value, Mapping) and value:
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

@@ -87,16 +87,42 @@ class PairStage:
                 "epoch": np.full(len(pairs), epoch, dtype=np.int32)}
 
 
+class ShardPairs:
+    """``map_batches`` callable: shard paths -> that shard's pairs (one shard in memory at a time).
+
+    Ray Data's Parquet reader merges small files into one block, which would
+    hand the pair stage the whole data set at once; reading each listed shard
+    here keeps the stage's memory at one shard per task, whatever the data size.
+    """
+
+    def __init__(self, filesystem: Any, stage: PairStage) -> None:
+        self.filesystem = filesystem
+        self.stage = stage
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        outputs = []
+        for path in batch["path"]:
+            table = pq.read_table(str(path), columns=SOURCE_COLUMNS, filesystem=self.filesystem)
+            rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in SOURCE_COLUMNS}
+            outputs.append(self.stage(rows))
+        return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
+
+
 def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
                    endpoint_url: str | None = None, epoch_offset: int = 0,
                    negatives: str = "same_alphabet", num_cpus: float = 0.5, read_cpus: float = 0.25,
                    concurrency: int = 1) -> Any:
     """The streaming pair dataset over the training split (lazy; runs when iterated).
 
-    CPU requests are fractional so the read and pair stages always find a slot
-    beside the Train workers on a small machine (whole-CPU requests hang there).
-    ``concurrency`` pair-stage actors run at once; with one, at most a few
-    shards are in flight, whatever the size of the data set.
+    * The manifest's shard list is the dataset; each task reads one shard and
+      emits its pairs, so memory holds ``concurrency`` shards at a time,
+      whatever the size of the data set.
+    * Tasks, not actors: Ray re-executes the pipeline every epoch, and tasks
+      reuse warm worker processes where an actor pool is created again.
+    * CPU requests are fractional so the stage always finds a slot beside the
+      Train workers on a small machine (whole-CPU requests hang there).
     """
     import ray.data
 
@@ -104,14 +130,12 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
 
     manifest = shards.read_manifest(uri, endpoint_url)
     n_alphabets = int(manifest.splits["train"]["alphabets"])
-    dataset = shards.read_split_dataset(uri, "train", endpoint_url, columns=SOURCE_COLUMNS, num_cpus=read_cpus)
-    return dataset.map_batches(
-        PairStage, fn_constructor_kwargs=dict(pair_cfg=pair_cfg, image_size=image_size, seed=seed,
-                                              n_alphabets=n_alphabets, epoch_offset=epoch_offset,
-                                              negatives=negatives),
-        batch_size=None, batch_format="numpy", num_cpus=num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-    )
+    loc, paths = shards.split_files(uri, "train", endpoint_url)
+    stage = PairStage(pair_cfg=pair_cfg, image_size=image_size, seed=seed, n_alphabets=n_alphabets,
+                      epoch_offset=epoch_offset, negatives=negatives)
+    listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    return listing.map_batches(ShardPairs(loc.fs, stage), batch_size=1, batch_format="numpy",
+                               num_cpus=num_cpus + read_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
 
 
 def expand_copies(left: Any, right: Any, same: Any, copies: int) -> tuple[Any, Any, Any, Any]:
