@@ -393,7 +393,7 @@ def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
     ds = training_pairs(uri, pair_cfg, cfg.model.input_size, cfg.training.seed,
                         num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
                         concurrency=cfg.data.pair_stage_concurrency)
-    poller = PeakPoller({"pair_stage": "PairStage", "read": "Parquet"})
+    poller = PeakPoller({"pair_stage": "ShardPairs", "read": "ReadParquet"})
     poller.start()
     t0 = time.perf_counter()
     n = 0
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shuffle-buffer", type=int, default=None,
-                        help="override data.shuffle_buffer_pairs (default: the config's 4096; 0: none)")
+                        help="override data.shuffle_buffer_pairs (default: the config's value; 0: none)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
