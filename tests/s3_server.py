@@ -39,6 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports outside Ray's default worker port range (10002-19999)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports and not 10002 <= port <= 19999:
+            ports.append(port)
+    return ports
+
+
 def closed_port() -> int:
     """A loopback port that nothing listens on (for 'unreachable endpoint' tests)."""
     return free_port()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3_server import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -49,18 +50,6 @@ def pinned_ray_version() -> str:
 def _stack(args: list[str], state: Path, env: dict[str, str] | None = None, timeout: float = 60):
     return subprocess.run(["bash", str(STACK), *args], env={**os.environ, "STACK_DIR": str(state), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _free_ports(n: int) -> list[int]:
-    """Distinct free loopback ports outside Ray's default worker port range (10002-19999)."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not 10002 <= port <= 19999 and port not in ports:
-            ports.append(port)
-    return ports
 
 
 def _session_members(sid: int) -> list[int]:
@@ -104,7 +93,7 @@ def test_local_stack_up_and_down() -> None:
     state = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))
     names = ["STACK_RAY_PORT", "STACK_DASHBOARD_PORT", "STACK_CLIENT_PORT", "STACK_AGENT_PORT",
              "STACK_S3_PORT", "STACK_MLFLOW_PORT"]
-    ports = dict(zip(names, map(str, _free_ports(len(names)))))
+    ports = dict(zip(names, map(str, free_ports(len(names)))))
     settings = {**ports, "STACK_BUCKET": "stack-test", "STACK_PYTHON": sys.executable,
                 "STACK_START_TIMEOUT": "300", "STACK_RAY_CPUS": "2"}
     sessions: dict[str, int] = {}

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from s3_server import free_ports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
@@ -60,18 +60,6 @@ def test_runtime_env_excludes_the_bulk() -> None:
 
     excludes = set(yaml.safe_load(RUNTIME_ENV.read_text())["excludes"])
     assert {".venv/", "data/", "mlflow.db", "mlartifacts/", "runs/", ".git/"} <= excludes
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback, none in Ray's default worker range."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in ports and not 10002 <= port <= 19999:
-            ports.append(port)
-    return ports
 
 
 def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -172,7 +160,7 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
     assert token and generated.stdout.strip() == token
 
     # 2. the authenticated head, in its own process group, on free ports
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, dm, am = _free_ports(11)
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, dm, am = free_ports(11)
     head_env = {**auth_env, "DASHBOARD_METRIC_PORT": str(dm), "AUTOSCALER_METRIC_PORT": str(am)}
     head_cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
                 "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
