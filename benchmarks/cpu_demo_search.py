@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siamese_core.config import (DEMO_DEFAULTS, TEST_ONESHOT, VALIDATION_ONESHOT, OneShotConfig,
+from siamese_core.config import (DEMO_DEFAULTS, TEST_ONESHOT, OneShotConfig,
                                  apply_overrides)
 from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, fit, oneshot_trials
 from siamese_core.model import parameter_count

@@ -21,7 +21,6 @@ Design notes (why, not what):
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field

@@ -186,12 +186,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one key, e.g. --set optim.lr=0.02 --set cluster.workers=4")
 
 
-def from_args(args: argparse.Namespace, extra: Mapping[str, Any] | None = None) -> JobConfig:
-    """Build from parsed flags; ``extra`` holds shortcut flags already mapped to keys."""
-    overrides = {**(extra or {}), **parse_set(args.overrides)}
-    return build(args.recipe, args.config, overrides)
-
-
 def absolute_paths(config: JobConfig) -> dict[str, str]:
     """Overrides that turn the config's relative local paths absolute (URIs stay as they are)."""
     out = {}

@@ -17,7 +17,8 @@ from typing import Any
 
 from siamese_core.config import OneShotConfig
 from siamese_core.omniglot import OmniglotArrays, arrays_from_rows
-from siamese_core.oneshot import OneShotResult, make_trials, pixel_nearest_neighbour, score_runs
+from siamese_core.fit import oneshot_trials
+from siamese_core.oneshot import OneShotResult, pixel_nearest_neighbour, score_runs
 
 from workflows import shards, tracking
 
@@ -55,11 +56,6 @@ def load_split_arrays(data: str, split: str, endpoint_url: str | None = None,
                             columns["drawer"], paths=columns["image_id"], size=size)
 
 
-def trials_for(arrays: OmniglotArrays, seed: int, cfg: OneShotConfig = OneShotConfig()) -> list:
-    alphabets = sorted(set(arrays.alphabet.tolist()))
-    return make_trials(arrays.alphabet, arrays.character, arrays.drawer, alphabets, cfg, seed=seed)
-
-
 def evaluate_model(model: Any, data: str, split: str = "test", seed: int = 0,
                    endpoint_url: str | None = None, cfg: OneShotConfig = OneShotConfig()) -> Evaluation:
     """Score a :class:`~siamese_core.model.SiameseNet` on a split's one-shot trials (its own input size)."""
@@ -68,7 +64,7 @@ def evaluate_model(model: Any, data: str, split: str = "test", seed: int = 0,
 
     net = unwrap(model)
     arrays = load_split_arrays(data, split, endpoint_url, size=net.config.input_size)
-    runs = trials_for(arrays, seed, cfg)
+    runs = oneshot_trials(arrays, cfg, seed)
     return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs)
 
 
@@ -77,7 +73,7 @@ def evaluate(request: EvaluationRequest) -> Evaluation:
     cfg = OneShotConfig(n_way=request.n_way, runs_per_alphabet=request.runs_per_alphabet)
     if request.model in BASELINES:
         arrays = load_split_arrays(request.data, request.split, request.endpoint_url)
-        runs = trials_for(arrays, request.seed, cfg)
+        runs = oneshot_trials(arrays, cfg, request.seed)
         return Evaluation(score_runs(runs, pixel_nearest_neighbour(arrays.as_float())), arrays, runs)
     from workflows.models import load_any
 
