@@ -12,7 +12,7 @@ export AWS_EC2_METADATA_DISABLED ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: venv demo test test-fast ingest train baseline clean
+.PHONY: venv demo test test-fast ingest train tune baseline clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,21 @@ ingest: venv
 
 # Train the CPU preset with Ray Train and score the best epoch on the 400 test trials.
 # One worker with 2 threads suits a 2-core machine; TRAIN_ARGS="--workers 4 ..." on bigger ones.
+# Each run gets a new name (re-using a name resumes that run; a finished one is refused).
 TRAIN_ARGS ?= --workers 1
+RUN_NAME ?= demo-$(shell date +%Y%m%d-%H%M%S)
 train: venv
-	$(BIN)/python -m workflows.train --recipe demo --data "$(DATA)" --storage-path "$(abspath runs)" $(TRAIN_ARGS)
+	$(BIN)/python -m workflows.train --recipe demo --data "$(DATA)" --storage-path "$(abspath runs)" \
+		--name "$(RUN_NAME)" $(TRAIN_ARGS)
+
+# A small Ray Tune search on the CPU preset (Optuna TPE + ASHA); the best config is
+# written to runs/$(TUNE_NAME)-best.yaml. Resume an interrupted search: make tune TUNE_NAME=<its name>.
+TUNE_NAME ?= search-$(shell date +%Y%m%d-%H%M%S)
+TUNE_ARGS ?= --samples 10 --concurrent 2 --epochs 8 --set pairs.pairs_per_epoch=5000 \
+	--set training.threads=1 --set cluster.workers=1 --set training.time_budget_s=none
+tune: ingest
+	$(BIN)/python -m workflows.tune --recipe demo --data "$(DATA)" --storage-path "$(abspath runs)" \
+		--name "$(TUNE_NAME)" --best-config "$(abspath runs)/$(TUNE_NAME)-best.yaml" $(TUNE_ARGS)
 
 # The 1-nearest-neighbour pixel baseline on the same 400 test trials.
 baseline: venv

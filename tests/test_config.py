@@ -65,3 +65,10 @@ def test_relative_local_paths_become_absolute_uris_stay(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     cfg = job_config.build("demo", overrides={"data.uri": "shards", "cluster.storage_path": "s3://b/runs"})
     assert job_config.absolute_paths(cfg) == {"data.uri": str(tmp_path / "shards")}
+
+
+def test_placement_strategy_is_validated() -> None:
+    assert job_config.build("demo", overrides={"cluster.placement_strategy": "STRICT_SPREAD"}
+                            ).cluster.placement_strategy == "STRICT_SPREAD"
+    with pytest.raises(ConfigError, match="cluster.placement_strategy"):
+        job_config.build("demo", overrides={"cluster.placement_strategy": "SCATTER"})

@@ -20,12 +20,6 @@ user to type, in a private sandbox:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,11 +27,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from s3_server import free_ports
+from ray_nodes import new_cluster, ray_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
-BIN = Path(sys.executable).parent  # the venv's bin: its `ray` and `python`
 JOB_TIMEOUT_S = 420  # the job took 272 s on 2 cores at load average ~20
 EXPERIMENT = "job-submit-test"
 
@@ -62,11 +55,6 @@ def test_runtime_env_excludes_the_bulk() -> None:
     assert {".venv/", "data/", "mlflow.db", "mlartifacts/", "runs/", ".git/"} <= excludes
 
 
-def _ray(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def _http(url: str, token: str | None, timeout: float = 10) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -76,115 +64,32 @@ def _http(url: str, token: str | None, timeout: float = 10) -> tuple[int, str]:
         return exc.code, exc.read().decode(errors="replace")
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 25) -> None:
-    """SIGTERM the head's process group (ray start --block tears its processes down), then SIGKILL."""
-    pgid = proc.pid
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.5)
-    if _group_alive(pgid):  # gcs_server can sit on SIGTERM for a long time
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 @pytest.mark.integration
 def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_path: Path) -> None:
     started = time.monotonic()
-    home = tmp_path / "home"
-    home.mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    # Short: Ray puts unix sockets under it (path length limit ~107 bytes).
-    temp_dir = Path(tempfile.mkdtemp(prefix="rjs-", dir="/tmp"))
-    head_log = tmp_path / "head.log"
-
-    base_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "VIRTUAL_ENV"))}
-    base_env.update({
-        "HOME": str(home),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # as after `source .venv/bin/activate`
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    })
-    auth_env = {**base_env, "RAY_AUTH_MODE": "token"}
-
-    # 1. the token, in the temporary HOME only
-    generated = _ray(["get-auth-token", "--generate"], auth_env, timeout=60)
-    assert generated.returncode == 0, generated.stderr
-    token_file = home / ".ray" / "auth_token"
-    assert token_file.is_file()
-    token = token_file.read_text().strip()
-    assert token and generated.stdout.strip() == token
-
-    # 2. the authenticated head, in its own process group, on free ports
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics, node_mgr, obj_mgr, dm, am = free_ports(11)
-    head_env = {**auth_env, "DASHBOARD_METRIC_PORT": str(dm), "AUTOSCALER_METRIC_PORT": str(am)}
-    head_cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-                "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
-                f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-                f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}"]
-    log_handle = head_log.open("w")
-    head = subprocess.Popen(head_cmd, env=head_env, cwd=PROJECT_ROOT, stdout=log_handle,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    # 1-2. the token (in a temporary HOME only) and the authenticated head, on free ports
+    cluster = new_cluster(tmp_path)
+    token, auth_env = cluster.token, cluster.env
+    base_env = {k: v for k, v in auth_env.items() if k != "RAY_AUTH_MODE"}
+    address = ""
     submission_id = f"test-{uuid.uuid4().hex[:8]}"
     job_logs = ""
     try:
+        head = cluster.start_head(tmp_path, num_cpus=4)
+        temp_dir = head.temp_dir
+        address = cluster.dashboard
         deadline = time.monotonic() + 120
         while True:
-            assert head.poll() is None, f"ray start exited {head.returncode}:\n{head_log.read_text()[-5000:]}"
+            assert head.proc.poll() is None, f"ray start exited {head.proc.returncode}:\n{head.log_tail()}"
             try:
                 status, _ = _http(f"{address}/api/jobs/", token, timeout=5)
             except (urllib.error.URLError, OSError):
                 status = 0
             if status == 200:
                 break
-            assert time.monotonic() < deadline, f"dashboard not up after 120 s:\n{head_log.read_text()[-5000:]}"
+            assert time.monotonic() < deadline, f"dashboard not up after 120 s:\n{head.log_tail()}"
             time.sleep(1)
         head_up_s = time.monotonic() - started
 
@@ -201,7 +106,7 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
                        "--set", "tracking.registered_model=none"]
         deadline = time.monotonic() + 90
         while True:  # the dashboard answers before the head's job agent has registered
-            submit = _ray(submit_args, auth_env)
+            submit = ray_cli(submit_args, auth_env)
             if submit.returncode == 0 or "No available agent" not in submit.stderr or time.monotonic() > deadline:
                 break
             time.sleep(3)
@@ -218,10 +123,10 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
                 break
             time.sleep(3)
         job_s = time.monotonic() - started - head_up_s
-        logs = _ray(["job", "logs", "--address", address, submission_id], auth_env)
+        logs = ray_cli(["job", "logs", "--address", address, submission_id], auth_env)
         job_logs = logs.stdout + logs.stderr
         if job_status not in ("SUCCEEDED", "FAILED", "STOPPED"):
-            _ray(["job", "stop", "--address", address, "--no-wait", submission_id], auth_env)
+            ray_cli(["job", "stop", "--address", address, "--no-wait", submission_id], auth_env)
         assert job_status == "SUCCEEDED", f"job {submission_id} is {job_status}; logs:\n{job_logs[-20000:]}"
         assert logs.returncode == 0 and "test one-shot accuracy" in job_logs
         # two Ray instances on this host (this head, the session's): workers must know which is theirs
@@ -257,11 +162,11 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
         # 5. without the token: refused
         no_token_home = tmp_path / "no-token-home"
         no_token_home.mkdir()
-        refused = _ray(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
+        refused = ray_cli(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
                        {**base_env, "HOME": str(no_token_home)}, timeout=60)
         assert refused.returncode != 0
         assert "Authentication required" in refused.stdout + refused.stderr
-        wrong = _ray(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
+        wrong = ray_cli(["job", "submit", "--address", address, "--no-wait", "--", "echo", "hi"],
                      {**auth_env, "HOME": str(no_token_home), "RAY_AUTH_TOKEN": uuid.uuid4().hex}, timeout=60)
         assert wrong.returncode != 0
         assert "Invalid authentication token" in wrong.stdout + wrong.stderr
@@ -272,13 +177,11 @@ def test_authenticated_local_cluster_runs_training_job(small_shards: str, tmp_pa
     except BaseException:
         if job_logs:
             print(f"--- job logs ({submission_id}) ---\n{job_logs[-20000:]}")
-        print(f"--- head log ---\n{head_log.read_text()[-5000:] if head_log.exists() else ''}")
+        if cluster.head is not None:
+            print(f"--- head log ---\n{cluster.head.log_tail()}")
         raise
     finally:
         # 6. stop only what this test started, and check it is gone
-        _stop_group(head)
-        log_handle.close()
-        left = _group_alive(head.pid) + _processes_mentioning(str(temp_dir))
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert head.returncode is not None
+        left = cluster.stop()
+    assert cluster.head is not None and cluster.head.proc.returncode is not None
     assert not left, f"processes of the test's head still running: {left}"

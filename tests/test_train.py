@@ -102,8 +102,8 @@ def test_unknown_key_exits_2_with_message(capsys) -> None:
 
 def test_rerunning_a_finished_job_name_is_refused(trained) -> None:
     summary, cfg, _ = trained
-    from workflows import storage
+    from workflows import storage, tracking
 
     loc = storage.locate(cfg.cluster.storage_path)
     with pytest.raises(ConfigError, match="already finished"):
-        train.previous_mlflow_run(loc, cfg, summary["tracking_uri"])
+        tracking.previous_run(loc, cfg.cluster.name, summary["tracking_uri"], "training run")

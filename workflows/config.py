@@ -44,6 +44,9 @@ class DataSection:
         _require(self.shuffle_buffer_pairs >= 0, "data.shuffle_buffer_pairs must be >= 0")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class ClusterSection:
     """How many Train workers, on what, and where checkpoints live."""
@@ -54,6 +57,8 @@ class ClusterSection:
     """Fractional by default: on a 2-core machine two workers plus the data stage must all fit."""
     storage_path: str = "./runs"
     name: str = "siamese"
+    placement_strategy: str = "PACK"
+    """Ray's placement of the workers: PACK (fewest nodes), SPREAD, or STRICT_SPREAD (one per node)."""
     checkpoints_to_keep: int = 2
     max_failures: int = 2
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
@@ -66,6 +71,8 @@ class ClusterSection:
         _require(self.workers >= 1, f"cluster.workers must be >= 1, got {self.workers}")
         _require(self.gpus_per_worker >= 0, f"cluster.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         _require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(self.placement_strategy in PLACEMENT_STRATEGIES,
+                 f"cluster.placement_strategy must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         _require(self.checkpoints_to_keep >= 1, "cluster.checkpoints_to_keep must be >= 1")
         _require(self.max_failures >= -1, "cluster.max_failures must be >= -1 (-1: unlimited)")
         _require(bool(self.name) and "/" not in self.name, f"cluster.name must be a plain name, got {self.name!r}")
@@ -85,6 +92,51 @@ class TrackingSection:
     registered_model: str | None = "siamese-oneshot"
     """Register the best model under this name (None: log it without registering)."""
     run_name: str | None = None
+
+
+SEARCH_ALGORITHMS = ("tpe", "random")
+SCHEDULERS = ("asha", "none")
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    """A Ray Tune search (``workflows.tune``): how many trials, how they are chosen and stopped.
+
+    Set with ``--set search.num_samples=16``; every other key is the main job's
+    and applies to each trial (a trial's workers: ``cluster.workers`` and
+    ``cluster.gpus_per_worker``).
+    """
+
+    name: str = "siamese-search"
+    """The search's folder under ``cluster.storage_path``; re-run with the same name to resume."""
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    seed: int = 0
+    """Fixes the sequence of suggested configurations (given the same results)."""
+    algorithm: str = "tpe"
+    """'tpe': Optuna's Bayesian TPE sampler after ``startup_trials`` random ones; 'random': seeded random."""
+    startup_trials: int = 3
+    scheduler: str = "asha"
+    """'asha': stop trials whose validation one-shot accuracy lags at a rung; 'none': run all to the end."""
+    grace_period: int = 2
+    """Epochs every trial gets before ASHA may stop it."""
+    reduction_factor: float = 2.0
+    trial_cpus: float = 0.05
+    """Each trial's driver slot (its Train workers ask for ``cluster.cpus_per_worker`` each)."""
+    space: str | None = None
+    """YAML file with the search space (None: ``workflows.search_space.DEFAULT_SPACE``)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name, f"search.name must be a plain name, got {self.name!r}")
+        _require(self.num_samples >= 1, f"search.num_samples must be >= 1, got {self.num_samples}")
+        _require(self.max_concurrent_trials >= 1, "search.max_concurrent_trials must be >= 1")
+        _require(self.algorithm in SEARCH_ALGORITHMS,
+                 f"search.algorithm must be one of {SEARCH_ALGORITHMS}, got {self.algorithm!r}")
+        _require(self.startup_trials >= 1, "search.startup_trials must be >= 1")
+        _require(self.scheduler in SCHEDULERS, f"search.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _require(self.grace_period >= 1, "search.grace_period must be >= 1")
+        _require(self.reduction_factor > 1, "search.reduction_factor must be > 1")
+        _require(self.trial_cpus > 0, "search.trial_cpus must be > 0 (Ray refuses a trial with no CPU)")
 
 
 @dataclass(frozen=True)
@@ -184,6 +236,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML/JSON file of config keys (repeatable; later files win)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override one key, e.g. --set optim.lr=0.02 --set cluster.workers=4")
+
+
+def collect_overrides(args: argparse.Namespace, shortcuts: Mapping[str, str]) -> dict[str, Any]:
+    """Overrides from a parsed command line: ``--config`` files, then shortcut flags, then ``--set``.
+
+    ``shortcuts`` maps an argparse destination (``workers``) to its config key
+    (``cluster.workers``); flags left unset are ignored.
+    """
+    extra = {key: getattr(args, flag) for flag, key in shortcuts.items() if getattr(args, flag) is not None}
+    overrides: dict[str, Any] = {**extra, **parse_set(args.overrides)}
+    for path in reversed(args.config):
+        overrides = {**load_file(path), **overrides}
+    return overrides
+
+
+def resolve(recipe: str, overrides: Mapping[str, Any]) -> tuple[JobConfig, dict[str, Any]]:
+    """The job config, and the overrides with local paths made absolute.
+
+    Workers run elsewhere (another directory, another node), so they get absolute paths.
+    """
+    overrides = dict(overrides)
+    overrides.update(absolute_paths(build(recipe, overrides=overrides)))
+    return build(recipe, overrides=overrides), overrides
 
 
 def absolute_paths(config: JobConfig) -> dict[str, str]:

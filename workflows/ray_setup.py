@@ -2,8 +2,8 @@
 
 - Already initialised in this process (a test fixture, another workflow): reuse it.
 - ``RAY_ADDRESS`` set: join that cluster.
-- Otherwise start a private single-host instance with no dashboard and no usage
-  stats, bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
+- Otherwise start a private single-host instance with no usage stats, its
+  dashboard and everything else bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
   REFERENCE.md: on these machines Ray otherwise binds to an address its own
   driver cannot reach).
 
@@ -81,8 +81,11 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
         ray.init(address=address, **kwargs)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # The dashboard (on loopback) serves Ray's state API, which Ray Train's placement-group
+        # cleaner needs: without it, the resources of a trial that Tune stops are never freed
+        # and later trials wait for them forever.
         ray.init(address="local", num_cpus=num_cpus or local_logical_cpus(),
-                 include_dashboard=False, **kwargs)
+                 include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     return True
 
 

@@ -54,6 +54,38 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str,
         yield run
 
 
+RUN_MARKER = "mlflow_run.json"
+"""Beside a job's checkpoints: its MLflow run, so a re-submitted job continues that run."""
+
+
+def previous_run(storage_loc: Any, name: str, tracking_uri: str, what: str = "run") -> str | None:
+    """The MLflow run of an earlier, unfinished attempt of job ``name`` under ``storage_loc``.
+
+    A finished one is refused: re-using its name would mix two jobs in one run.
+    """
+    from workflows import storage
+
+    marker = storage_loc.join(name, RUN_MARKER)
+    if not storage.exists(storage_loc.fs, marker):
+        return None
+    previous = storage.read_json(storage_loc.fs, marker)
+    if previous.get("finished"):
+        from siamese_core.config import ConfigError
+
+        raise ConfigError(f"{what} {name!r} in {storage_loc.uri} already finished "
+                          f"(MLflow run {previous.get('run_id')}); pick another --name to start a new one")
+    if previous.get("tracking_uri") != tracking_uri:
+        return None
+    return str(previous["run_id"])
+
+
+def remember_run(storage_loc: Any, name: str, tracking_uri: str, run_id: str, finished: bool = False) -> None:
+    from workflows import storage
+
+    storage.write_json(storage_loc.fs, storage_loc.join(name, RUN_MARKER),
+                       {"run_id": run_id, "tracking_uri": tracking_uri, "finished": finished})
+
+
 def ui_hint(tracking_uri: str) -> str:
     """What a user types (or opens) to review runs in this store."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -137,19 +169,34 @@ def check_reachable(tracking_uri: str) -> None:
 SECRET_MARKERS = ("secret", "password", "token", "credential", "access_key")
 
 
-def log_config(config: Any) -> None:
-    """All configuration as params (never anything that looks like a secret) plus the YAML file."""
-    import mlflow
+def config_params(config: Any) -> dict[str, str]:
+    """All configuration as flat params, leaving out anything that looks like a secret."""
+    return {k: v for k, v in flatten_params(config).items()
+            if not any(m in k.lower() for m in SECRET_MARKERS)}
 
-    params = {k: v for k, v in flatten_params(config).items()
-              if not any(m in k.lower() for m in SECRET_MARKERS)}
-    mlflow.log_params(params)
+
+def config_yaml(config: Any) -> str:
     import dataclasses
 
     import yaml
 
-    plain = json.loads(json.dumps(dataclasses.asdict(config), default=list))
-    mlflow.log_text(yaml.safe_dump(plain, sort_keys=True), "config.yaml")
+    return yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(config), default=list)), sort_keys=True)
+
+
+def log_config(config: Any, client: Any = None, run_id: str | None = None) -> None:
+    """All configuration as params plus ``config.yaml``: on the active run, or on ``run_id`` via ``client``."""
+    if client is None:
+        import mlflow
+
+        mlflow.log_params(config_params(config))
+        mlflow.log_text(config_yaml(config), "config.yaml")
+        return
+    from mlflow.entities import Param
+
+    params = [Param(k, v) for k, v in config_params(config).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[i:i + 100])
+    client.log_text(run_id, config_yaml(config), "config.yaml")
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -90,6 +90,19 @@ def _mean_across_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def _nodes_in_use() -> int:
+    """How many distinct Ray nodes this run's workers are on (recorded, so a user sees the spread)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 1
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Train worker: stream pairs, step, validate (rank 0), checkpoint, early-stop."""
     import ray.train
@@ -129,6 +142,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     autocast = torch.bfloat16 if gpu and cfg.cluster.mixed_precision else None
     distort_cfg: DistortionConfig | None = cfg.distort if cfg.pairs.distorted_copies > 0 else None
 
+    worker_nodes = _nodes_in_use()
     validation = Validation.load(cfg, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     started = time.perf_counter()
@@ -160,13 +174,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             over_budget = (cfg.training.time_budget_s is not None
                            and elapsed + max(epoch_seconds[-3:]) > cfg.training.time_budget_s)
             metrics.update({
-                "epoch": epoch, "train_loss": train_loss, "improved": int(improved),
+                "epoch": epoch, "epochs_completed": epoch + 1, "train_loss": train_loss, "improved": int(improved),
                 "best_val_oneshot_accuracy": stopper.best_value, "best_epoch": stopper.best_epoch,
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "momentum": float(optimizer.param_groups[0]["momentum"]),
                 "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
                 "train_pairs_per_second": pairs_seen * world / max(train_seconds, 1e-9),
-                "steps": steps,
+                "steps": steps, "workers": world, "worker_nodes": worker_nodes,
                 "stop": "early_stopping" if stopper.should_stop else "time_budget" if over_budget
                 else "epochs" if epoch + 1 >= cfg.training.epochs else "",
             })
@@ -245,7 +259,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=cfg.cluster.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.cluster.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.cluster.name,
             storage_path=storage_loc.path,
@@ -258,33 +273,6 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
         ),
         datasets={"train": dataset},
     )
-
-
-RUN_MARKER = "mlflow_run.json"
-
-
-def previous_mlflow_run(storage_loc: Any, cfg: JobConfig, tracking_uri: str) -> str | None:
-    """The MLflow run of an earlier, unfinished attempt of this job (same name and storage path)."""
-    from workflows import storage
-
-    marker = storage_loc.join(cfg.cluster.name, RUN_MARKER)
-    if not storage.exists(storage_loc.fs, marker):
-        return None
-    previous = storage.read_json(storage_loc.fs, marker)
-    if previous.get("finished"):
-        raise ConfigError(f"training run {cfg.cluster.name!r} in {storage_loc.uri} already finished "
-                          f"(MLflow run {previous.get('run_id')}); pick another --name to train again")
-    if previous.get("tracking_uri") != tracking_uri:
-        return None
-    return str(previous["run_id"])
-
-
-def remember_mlflow_run(storage_loc: Any, cfg: JobConfig, tracking_uri: str, run_id: str,
-                        finished: bool = False) -> None:
-    from workflows import storage
-
-    storage.write_json(storage_loc.fs, storage_loc.join(cfg.cluster.name, RUN_MARKER),
-                       {"run_id": run_id, "tracking_uri": tracking_uri, "finished": finished})
 
 
 def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
@@ -305,12 +293,12 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
     checks = preflight(cfg)
     tracking_uri = checks["tracking_uri"]
     run_name = cfg.tracking.run_name or f"train-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resumed = previous_mlflow_run(checks["storage"], cfg, tracking_uri)
+    resumed = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
                              tags={"job": "train", "preset": cfg.model.preset}) as mlrun:
         if resumed is None:
             tracking.log_config(cfg)
-            remember_mlflow_run(checks["storage"], cfg, tracking_uri, mlrun.info.run_id)
+            tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id)
         else:
             print(f"Resuming {cfg.cluster.name!r} from {checks['storage'].uri}: MLflow run {resumed}")
         with ray_setup.ray_session(quiet=False):
@@ -332,12 +320,23 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
         tracking.log_oneshot(test.result, "test")
         tracking.log_oneshot_figures(test, "test")
         model_uri = tracking.log_model(model, cfg.tracking.registered_model)
-        remember_mlflow_run(checks["storage"], cfg, tracking_uri, mlrun.info.run_id, finished=True)
+        tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id, finished=True)
         return {"run_id": mlrun.info.run_id, "tracking_uri": tracking_uri, "test_accuracy": test.result.accuracy,
                 "test_correct": test.result.correct, "test_trials": test.result.trials,
                 "best_epoch": int(best_metrics["epoch"]),
                 "best_val_oneshot_accuracy": float(best_metrics["val_oneshot_accuracy"]),
                 "checkpoint": checkpoint.path, "model_uri": model_uri, "train_seconds": train_seconds}
+
+
+def training_failure_message(cfg: JobConfig, exc: BaseException) -> str:
+    """What failed, what was kept, and how to go on, after Ray Train gave up (``max_failures`` used up)."""
+    cause = str(exc).strip().splitlines()
+    detail = next((line.strip() for line in reversed(cause) if "Error" in line), cause[-1] if cause else "")
+    return (f"error: training failed after {cfg.cluster.max_failures} restart(s) from the last checkpoint: "
+            f"{detail[:500]}\n"
+            f"The checkpoints kept so far (the latest and the best) are in {cfg.cluster.storage_path}/"
+            f"{cfg.cluster.name}; no epoch was logged to MLflow before its checkpoint was stored. If the storage ({cfg.cluster.storage_path}) or a node was unavailable, "
+            f"fix that and re-run the same command (same --name) to resume.")
 
 
 SHORTCUTS = {  # flag -> config key
@@ -365,14 +364,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str,
     parser.add_argument("--experiment")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    extra = {key: getattr(args, flag) for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None}
-    overrides = {**extra, **job_config.parse_set(args.overrides)}
-    for path in reversed(args.config):
-        overrides = {**job_config.load_file(path), **overrides}
-    cfg = job_config.build(args.recipe, overrides=overrides)
-    # Workers run elsewhere (another directory, another node): hand them absolute local paths.
-    overrides.update(job_config.absolute_paths(cfg))
-    cfg = job_config.build(args.recipe, overrides=overrides)
+    overrides = job_config.collect_overrides(args, SHORTCUTS)
+    cfg, overrides = job_config.resolve(args.recipe, overrides)
     return cfg, args.recipe, overrides, args
 
 
@@ -398,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, StorageError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from ray.train import TrainingFailedError
+
+        if not isinstance(exc, TrainingFailedError):
+            raise
+        print(training_failure_message(cfg, exc), file=sys.stderr)
+        return 1
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
           f"{summary['test_trials']} trials, 20-way within-alphabet, Lake's 10 test alphabets); "
           f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}), "

@@ -1,0 +1,378 @@
+"""From laptop to cluster, on one machine: two Ray nodes, S3 and an MLflow server, and faults.
+
+The documented local stack (``infra/local_stack.sh up``: an authenticated Ray head,
+moto as the S3-compatible store, an MLflow server over HTTP with artifacts in S3)
+plus a second Ray node started with ``ray start --address``, all on loopback. The
+training job runs as a user runs it: ``python -m workflows.train`` as a driver
+joining the cluster, data read from and checkpoints written to S3.
+
+Faults, each on a real run: a Train worker killed mid-epoch, the driver killed,
+the object store unreachable for a few seconds and for good, and bad
+configuration; then no secret anywhere in MLflow or the job's output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from flaky_proxy import FlakyProxy
+from ray_nodes import PROJECT_ROOT, RayNode, start_worker_node, stop_group, wait_for_nodes
+from s3_server import closed_port, free_ports
+
+pytestmark = pytest.mark.integration
+
+STACK = PROJECT_ROOT / "infra" / "local_stack.sh"
+EXPERIMENT = "cluster-test"
+BUCKET = "cluster-test"
+RUN_TIMEOUT_S = 420
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    """A driver's environment: what ``local_stack.sh env`` prints, on top of a clean environment."""
+    state: Path
+    tmp: Path
+    worker: RayNode
+    outputs: list[str] = field(default_factory=list)
+    """Everything the jobs printed (checked for secrets at the end)."""
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.env["MLFLOW_TRACKING_URI"]
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+
+def _stack(args: list[str], state: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(STACK), *args], env={**os.environ, "STACK_DIR": str(state), **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(omniglot_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from conftest import SMALL_TEST, SMALL_TRAIN, SMALL_VALIDATION
+    from omniglot_sources import make_source
+
+    tmp = tmp_path_factory.mktemp("cluster")
+    state = Path(tempfile.mkdtemp(prefix="stk", dir="/tmp"))  # short: Ray's unix sockets live below it
+    names = ["STACK_RAY_PORT", "STACK_DASHBOARD_PORT", "STACK_CLIENT_PORT", "STACK_AGENT_PORT",
+             "STACK_S3_PORT", "STACK_MLFLOW_PORT"]
+    settings = {**dict(zip(names, map(str, free_ports(len(names))))), "STACK_BUCKET": BUCKET,
+                "STACK_PYTHON": sys.executable, "STACK_START_TIMEOUT": "300", "STACK_RAY_CPUS": "2"}
+    worker = None
+    try:
+        up = _stack(["up"], state, settings, timeout=600)
+        assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
+        printed = _stack(["env"], state, settings)
+        exported = dict(line[len("export "):].split("=", 1) for line in printed.stdout.splitlines()
+                        if line.startswith("export "))
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+        env = {**clean, **exported, "HOME": str(tmp)}
+        # the second node: a worker joining the head (token from the stack), two CPUs
+        worker = start_worker_node(env["RAY_ADDRESS"], env, tmp, "worker-node", num_cpus=2)
+        wait_for_nodes(env, 2, [worker])
+        source = make_source(omniglot_dir, tmp / "source", SMALL_TRAIN | SMALL_VALIDATION | SMALL_TEST)
+        ingest = subprocess.run([sys.executable, "-m", "workflows.ingest", "--source", str(source),
+                                 "--dest", f"s3://{BUCKET}/omniglot", "--allow-subset"],
+                                env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-5000:]
+        yield Stack(env=env, state=state, tmp=tmp, worker=worker, outputs=[ingest.stdout + ingest.stderr])
+    finally:
+        if worker is not None:
+            stop_group(worker.proc)
+        down = _stack(["down"], state, settings, timeout=300)
+        assert down.returncode == 0, down.stderr
+
+
+def train_command(name: str, *extra: str, epochs: int = 2, pairs: int = 512) -> list[str]:
+    return [sys.executable, "-m", "workflows.train", "--data", f"s3://{BUCKET}/omniglot",
+            "--storage-path", f"s3://{BUCKET}/runs", "--name", name, "--experiment", EXPERIMENT,
+            "--workers", "2", "--epochs", str(epochs),
+            "--set", f"pairs.pairs_per_epoch={pairs}", "--set", "training.batch_size=32",
+            "--set", "pairs.distorted_copies=0", "--set", "training.threads=1",
+            "--set", "tracking.registered_model=none", "--set", f"tracking.run_name={name}", *extra]
+
+
+def run_job(stack: Stack, command: list[str], env: dict[str, str] | None = None,
+            timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env or stack.env, cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    stack.outputs.append(done.stdout + done.stderr)
+    return done
+
+
+def start_job(stack: Stack, command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen(command, env=env or stack.env, cwd=PROJECT_ROOT, stdout=handle,
+                                stderr=subprocess.STDOUT)
+
+
+def run_named(stack: Stack, name: str):
+    runs = stack.client().search_runs([stack.client().get_experiment_by_name(EXPERIMENT).experiment_id],
+                                      filter_string=f"attributes.run_name = '{name}'")
+    return runs
+
+
+def wait_for_epoch(stack: Stack, name: str, epoch: int, proc: subprocess.Popen, log: Path,
+                   timeout: float = RUN_TIMEOUT_S) -> float:
+    """Until the run has logged ``epoch``'s validation metric (so its checkpoint is in storage)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"job exited {proc.returncode}:\n{log.read_text()[-8000:]}"
+        experiment = stack.client().get_experiment_by_name(EXPERIMENT)
+        runs = run_named(stack, name) if experiment is not None else []
+        if runs and any(m.step >= epoch for m in
+                        stack.client().get_metric_history(runs[0].info.run_id, "val_oneshot_accuracy")):
+            return time.time()
+        time.sleep(1)
+    raise AssertionError(f"epoch {epoch} of {name} not logged within {timeout} s:\n{log.read_text()[-8000:]}")
+
+
+def ray_probe(stack: Stack, code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", "import ray; ray.init(logging_level='ERROR', "
+                           "log_to_driver=False)\n" + code], env=stack.env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+def train_workers(stack: Stack) -> list[tuple[int, str]]:
+    """(pid, node id) of the alive Ray Train workers, from Ray's state API."""
+    out = ray_probe(stack, "from ray.util.state import list_actors\n"
+                           "for a in list_actors(filters=[('class_name', '=', 'RayTrainWorker'), "
+                           "('state', '=', 'ALIVE')]): print(a.pid, a.node_id)")
+    return [(int(line.split()[0]), line.split()[1]) for line in out.splitlines() if line.strip()]
+
+
+def history(stack: Stack, run_id: str, key: str = "val_oneshot_accuracy") -> list:
+    return sorted(stack.client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+
+def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
+    """The epoch stored in each checkpoint under s3://BUCKET/runs/NAME."""
+    import pyarrow.fs as pafs
+
+    from siamese_core import checkpoint as ckpt_io
+    from workflows import storage
+
+    saved = {k: os.environ.get(k) for k in stack.env if k.startswith("AWS_")}
+    os.environ.update({k: v for k, v in stack.env.items() if k.startswith("AWS_")})
+    try:
+        loc = storage.locate(f"s3://{BUCKET}/runs/{name}")
+        epochs = []
+        for info in loc.fs.get_file_info(pafs.FileSelector(loc.path)):
+            if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                local = Path(tempfile.mkdtemp(dir=stack.tmp))
+                pafs.copy_files(info.path, str(local), source_filesystem=loc.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                epochs.append(int(ckpt_io.load_payload(str(local))["epoch"]))
+        return sorted(epochs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- multi-node
+
+def test_two_workers_on_two_nodes_with_s3_and_mlflow_server(stack: Stack) -> None:
+    started = time.monotonic()
+    done = run_job(stack, train_command("multi", "--set", "cluster.placement_strategy=STRICT_SPREAD"))
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-8000:]
+    print(f"two-node run: {time.monotonic() - started:.0f}s")
+    [run] = run_named(stack, "multi")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.uri"] == f"s3://{BUCKET}/omniglot"
+    assert run.data.params["cluster.storage_path"] == f"s3://{BUCKET}/runs"
+    assert run.data.metrics["workers"] == 2
+    assert run.data.metrics["worker_nodes"] == 2  # one worker on each node
+    assert [m.step for m in history(stack, run.info.run_id)] == [0, 1]
+    assert 0.0 <= run.data.metrics["test_oneshot_accuracy"] <= 1.0
+    # artifacts went through the MLflow server into the object store
+    assert "config.yaml" in {a.path for a in stack.client().list_artifacts(run.info.run_id)}
+    assert checkpoint_epochs(stack, "multi")  # checkpoints are in S3
+
+
+# --------------------------------------------------------------------------- faults
+
+def test_killed_worker_restores_from_last_checkpoint(stack: Stack) -> None:
+    log = stack.tmp / "kill-worker.log"
+    proc = start_job(stack, train_command("kill-worker", epochs=4, pairs=2048), log)
+    try:
+        wait_for_epoch(stack, "kill-worker", 1, proc, log)
+        workers = train_workers(stack)
+        assert len(workers) == 2, workers
+        pid, _ = workers[-1]
+        os.kill(pid, signal.SIGKILL)  # a worker process dies mid-epoch
+        killed_at = time.time()
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-8000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    stack.outputs.append(output)
+    [run] = run_named(stack, "kill-worker")
+    assert run.info.status == "FINISHED"
+    points = history(stack, run.info.run_id)
+    assert sorted({m.step for m in points}) == [0, 1, 2, 3]  # complete history, one MLflow run
+    before = [m.step for m in points if m.timestamp < killed_at * 1000]
+    assert all([m.step for m in points].count(s) == 1 for s in before)  # checkpointed epochs not redone
+    after = [m for m in points if m.timestamp >= killed_at * 1000]
+    recovery_s = min(m.timestamp for m in after) / 1000 - killed_at
+    redone = sorted({m.step for m in after} & set(before))
+    print(f"worker killed after epoch {max(before)}: next epoch logged {recovery_s:.1f}s later; "
+          f"epochs trained twice: {redone or 'none'}")
+    assert 0.0 <= run.data.metrics["test_oneshot_accuracy"] <= 1.0
+
+
+def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
+    log = stack.tmp / "kill-driver.log"
+    command = train_command("kill-driver", epochs=4, pairs=2048)
+    proc = start_job(stack, command, log)
+    try:
+        wait_for_epoch(stack, "kill-driver", 1, proc, log)
+        proc.send_signal(signal.SIGKILL)  # the whole job's driver is gone
+        killed_at = time.time()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stack.outputs.append(log.read_text())
+    deadline = time.monotonic() + 120
+    while train_workers(stack) and time.monotonic() < deadline:  # Ray reaps the dead job's workers
+        time.sleep(2)
+    done = run_job(stack, command)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-8000:]
+    assert "Resuming 'kill-driver'" in done.stdout
+    [run] = run_named(stack, "kill-driver")  # the same MLflow run, continued
+    assert run.info.status == "FINISHED"
+    points = history(stack, run.info.run_id)
+    assert sorted({m.step for m in points}) == [0, 1, 2, 3]
+    before = [m.step for m in points if m.timestamp < killed_at * 1000]
+    assert before and all([m.step for m in points].count(s) == 1 for s in before)
+    after = [m for m in points if m.timestamp >= killed_at * 1000]
+    print(f"driver killed after epoch {max(before)}; resubmitted, next epoch logged "
+          f"{min(m.timestamp for m in after) / 1000 - killed_at:.1f}s after the kill; "
+          f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
+
+
+def _via_proxy(stack: Stack, proxy: FlakyProxy) -> dict[str, str]:
+    return {**stack.env, "AWS_ENDPOINT_URL": proxy.url}
+
+
+def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
+    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    log = stack.tmp / "s3-blip.log"
+    proc = start_job(stack, train_command("s3-blip", "--set", "cluster.checkpoints_to_keep=10", epochs=4,
+                                          pairs=2048), log, env=_via_proxy(stack, proxy))
+    try:
+        wait_for_epoch(stack, "s3-blip", 1, proc, log)
+        proxy.down()
+        time.sleep(8)
+        proxy.up()
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-8000:]
+    finally:
+        proxy.down()
+        if proc.poll() is None:
+            proc.kill()
+    stack.outputs.append(log.read_text())
+    [run] = run_named(stack, "s3-blip")
+    logged = sorted({m.step for m in history(stack, run.info.run_id)})
+    assert logged == [0, 1, 2, 3]
+    assert set(logged) <= set(checkpoint_epochs(stack, "s3-blip"))  # every logged epoch has its checkpoint
+
+
+def test_object_store_gone_fails_clearly(stack: Stack) -> None:
+    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    log = stack.tmp / "s3-gone.log"
+    proc = start_job(stack, train_command("s3-gone", "--set", "cluster.max_failures=1", epochs=6, pairs=2048),
+                     log, env=_via_proxy(stack, proxy))
+    try:
+        wait_for_epoch(stack, "s3-gone", 0, proc, log)
+        proxy.down()
+        lost_at = time.monotonic()
+        rc = proc.wait(timeout=RUN_TIMEOUT_S)
+        failed_after_s = time.monotonic() - lost_at
+    finally:
+        proxy.down()
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    stack.outputs.append(output)
+    assert rc != 0, output[-5000:]
+    assert "error: training failed" in output and f"s3://{BUCKET}/runs" in output, output[-5000:]
+    print(f"object store gone: the job failed {failed_after_s:.0f}s later with: "
+          + next(line for line in output.splitlines() if line.startswith("error: training failed")))
+    [run] = run_named(stack, "s3-gone")
+    assert run.info.status == "FAILED"
+    logged = {m.step for m in history(stack, run.info.run_id)}
+    assert logged <= set(checkpoint_epochs(stack, "s3-gone"))  # no epoch reported without its checkpoint
+
+
+@pytest.mark.parametrize("case", ["unknown key", "missing bucket", "wrong credentials", "unreachable MLflow"])
+def test_bad_configuration_fails_before_ray_is_contacted(stack: Stack, case: str) -> None:
+    nowhere = f"127.0.0.1:{closed_port()}"  # if the job asked Ray for anything, it would hang or fail here
+    env = {**stack.env, "RAY_ADDRESS": nowhere}
+    command = train_command(f"bad-{case.replace(' ', '-')}")
+    expected = {
+        "unknown key": ("--set", "optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+        "missing bucket": ("--storage-path", "s3://no-such-bucket-here/runs", "no-such-bucket-here"),
+        "wrong credentials": (None, None, "credentials"),
+        "unreachable MLflow": (None, None, "not reachable"),
+    }[case]
+    if expected[0]:
+        command += [expected[0], expected[1]]
+    if case == "wrong credentials":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    if case == "unreachable MLflow":
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{closed_port()}"
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    started = time.monotonic()
+    done = run_job(stack, command, env=env, timeout=180)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert expected[2] in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    print(f"{case}: exit 2 in {time.monotonic() - started:.1f}s: {done.stderr.strip().splitlines()[-1][:200]}")
+
+
+def test_impossible_resources_fail_before_anything_is_scheduled(stack: Stack) -> None:
+    done = run_job(stack, train_command("too-big", "--gpus-per-worker", "1"), timeout=180)
+    assert done.returncode == 2
+    assert "GPU" in done.stderr and "cluster has 0" in done.stderr, done.stderr[-3000:]
+    assert not train_workers(stack)
+
+
+def test_no_secret_in_mlflow_or_job_output(stack: Stack) -> None:
+    """Runs last in this module: everything the jobs above logged or printed."""
+    secrets = [stack.env["AWS_SECRET_ACCESS_KEY"], Path(stack.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()]
+    assert all(len(s) >= 16 for s in secrets)
+    client = stack.client()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) >= 3
+    for run in runs:
+        text = repr(run.data.params) + repr(run.data.tags) + repr(run.data.metrics)
+        assert not any(s in text for s in secrets), run.info.run_id
+        local = Path(tempfile.mkdtemp(dir=stack.tmp))
+        client.download_artifacts(run.info.run_id, "", str(local))
+        for f in local.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                assert not any(s.encode() in data for s in secrets), f
+    assert len(stack.outputs) >= 4
+    for output in stack.outputs:
+        assert not any(s in output for s in secrets)
