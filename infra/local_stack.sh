@@ -25,6 +25,9 @@
 #   STACK_S3_PORT         moto_server                           (9000)
 #   STACK_MLFLOW_PORT     MLflow tracking server                (5000)
 #   STACK_RAY_CPUS        logical CPUs the head advertises      (max(4, cores): see README)
+#   STACK_MULTI_NODE      1: other Ray nodes may join the head   (0)
+#                         (Ray then listens on all interfaces, token auth still on; a node
+#                         joins from this machine as 127.0.0.2, see README "Local stack")
 #   STACK_START_TIMEOUT   seconds to wait for each service      (180)
 #
 # The object store keeps objects in memory: `down` discards them (mlflow.db stays, so
@@ -122,6 +125,9 @@ token_file() { echo "$STATE/ray_auth_token"; }
 port_free() { "$PY" -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
 
 http_ok() { curl -fsS --max-time 3 "$@" -o /dev/null; }
+# Any HTTP answer at all (an unsigned S3 request gets 403). Not moto's data.json, which
+# dumps every stored object and times out once the bucket holds data.
+http_answers() { local code; code=$(curl -sS --max-time 3 -o /dev/null -w '%{http_code}' "$1" 2>/dev/null); [[ -n "$code" && "$code" != 000 ]]; }
 
 # The environment a job (and the services themselves) needs; secrets come from the state dir.
 job_env() {
@@ -215,7 +221,12 @@ EOF
     # The venv's bin first on PATH: `python` in a submitted job's entrypoint is the
     # project's Python (jobs inherit the head's environment), as if started from an
     # activated virtual environment.
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray socket on loopback but also
+    # refuses other nodes; multi-node mode lifts both.
+    local multi_node=${STACK_MULTI_NODE:-0}
+    [[ "$multi_node" == 0 || "$multi_node" == 1 ]] || die "STACK_MULTI_NODE must be 0 or 1"
     start_session ray env -u RAY_AUTH_TOKEN -u RAY_ADDRESS "${stack_env[@]}" \
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="$multi_node" \
         PATH="$BIN:$PATH" VIRTUAL_ENV="$(dirname "$BIN")" \
         "$BIN/ray" start --head --block --disable-usage-stats --node-ip-address "$HOST" \
         --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \
@@ -268,7 +279,7 @@ cmd_status() {
     }
     check ray "$HOST:$RAY_PORT dashboard http://$HOST:$DASHBOARD_PORT" \
         http_ok -H "Authorization: Bearer $token" "http://$HOST:$DASHBOARD_PORT/api/version"
-    check s3 "$(s3_url) bucket s3://$BUCKET" http_ok "$(s3_url)/moto-api/data.json"
+    check s3 "$(s3_url) bucket s3://$BUCKET" http_answers "$(s3_url)/"
     check mlflow "http://$HOST:$MLFLOW_PORT" http_ok "http://$HOST:$MLFLOW_PORT/health"
     echo "state: $STATE (logs in $STATE/logs)"
     return $ok

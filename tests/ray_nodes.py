@@ -122,17 +122,23 @@ def start_node(args: list[str], env: dict[str, str], tmp_path: Path, name: str,
 
 def start_worker_node(address: str, env: dict[str, str], tmp_path: Path, name: str = "worker",
                       num_cpus: int = 2, resources: str | None = None) -> RayNode:
-    """A worker node joining the head at ``address`` (``env`` carries the token settings), on free ports."""
+    """A worker node joining the head at ``address`` (``env`` carries the token settings), on free ports.
+
+    On one machine the node is "host" 127.0.0.2: Ray rewrites a head address of
+    127.0.0.1 to the machine's outside address, which is not reachable here.
+    The head must accept other nodes (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1).
+    """
     names = ["agent_http", "agent_grpc", "env_agent", "metrics", "node_manager", "object_manager"]
     ports = dict(zip(names, free_ports(len(names))))
-    args = [f"--address={address}", f"--num-cpus={num_cpus}",
+    args = [f"--address={address}", f"--num-cpus={num_cpus}", f"--node-ip-address={address.rsplit(':', 1)[0]}",
             f"--dashboard-agent-listen-port={ports['agent_http']}",
             f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
             f"--runtime-env-agent-port={ports['env_agent']}", f"--metrics-export-port={ports['metrics']}",
             f"--node-manager-port={ports['node_manager']}", f"--object-manager-port={ports['object_manager']}"]
     if resources:
         args.append(f"--resources={resources}")
-    node = start_node(args, env, tmp_path, name)
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (everything on loopback, one host) refuses to join.
+    node = start_node(args, env, tmp_path, name, {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
     node.ports = ports
     return node
 
@@ -193,7 +199,8 @@ class LocalCluster:
         names = ["gcs", "dashboard", "client", "agent_http", "agent_grpc", "env_agent", "metrics",
                  "node_manager", "object_manager", "dashboard_metrics", "autoscaler_metrics"]
         ports = dict(zip(names, free_ports(len(names))))
-        args = ["--head", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--port={ports['gcs']}",
+        args = ["--head", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                f"--port={ports['gcs']}",
                 f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
                 f"--dashboard-agent-listen-port={ports['agent_http']}",
                 f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
@@ -209,7 +216,7 @@ class LocalCluster:
         return node
 
     def start_worker(self, tmp_path: Path, num_cpus: int = 2, resources: str | None = None) -> RayNode:
-        node = start_worker_node(self.gcs_address, self.env, tmp_path, f"worker{len(self.workers)}",
+        node = start_worker_node(f"127.0.0.2:{self.head.ports['gcs']}", self.env, tmp_path, f"worker{len(self.workers)}",
                                  num_cpus=num_cpus, resources=resources)
         self.workers.append(node)
         wait_for_nodes(self.driver_env(), 1 + len(self.workers), [self.head, *self.workers])

@@ -128,8 +128,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch, payload = 0, None
     restored = ray.train.get_checkpoint()
     if restored is not None:
-        with restored.as_directory() as directory:
-            payload = ckpt_io.load_payload(directory)
+        try:
+            with restored.as_directory() as directory:
+                payload = ckpt_io.load_payload(directory)
+        except (OSError, FileNotFoundError) as exc:
+            raise RuntimeError(f"StorageError: could not read the last checkpoint {restored.path} back from "
+                               f"{cfg.cluster.storage_path} (is the storage reachable?): {exc}") from exc
         model.load_state_dict(payload["state_dict"])
         stopper.load_state_dict(payload["early_stopping"])
         start_epoch = int(payload["epoch"]) + 1
