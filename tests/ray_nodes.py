@@ -45,35 +45,35 @@ def ray_cli(args: list[str], env: dict[str, str], timeout: float = 120) -> subpr
                           text=True, timeout=timeout)
 
 
-def group_alive(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
-
-
-def processes_mentioning(text: str) -> list[int]:
+def live_processes() -> list[tuple[int, list[str], str]]:
+    """(pid, /proc/PID/stat fields after the name: state, ppid, pgrp, session, ...; cmdline) of live processes."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields and fields[0] != "Z":
+            found.append((int(entry.name), fields, cmdline))
     return found
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return [pid for pid, fields, _ in live_processes() if int(fields[2]) == pgid]
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of a session (``setsid``)."""
+    return [pid for pid, fields, _ in live_processes() if int(fields[3]) == sid]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    return [pid for pid, _, cmdline in live_processes() if text in cmdline]
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 25) -> None:
@@ -171,14 +171,13 @@ def wait_for_nodes(driver_env: dict[str, str], count: int, nodes: list, timeout:
 
 @dataclass
 class LocalCluster:
-    """A token-authenticated Ray cluster of one head and any number of worker nodes, all on loopback."""
+    """A token-authenticated Ray head on loopback (worker nodes: ``start_worker_node``)."""
 
     home: Path
     env: dict[str, str]
     """Environment of a driver or CLI call on this cluster (token auth on)."""
     token: str
     head: RayNode | None = None
-    workers: list[RayNode] = field(default_factory=list)
 
     @property
     def gcs_address(self) -> str:
@@ -215,20 +214,13 @@ class LocalCluster:
         self.wait_for_nodes(1)
         return node
 
-    def start_worker(self, tmp_path: Path, num_cpus: int = 2, resources: str | None = None) -> RayNode:
-        node = start_worker_node(f"127.0.0.2:{self.head.ports['gcs']}", self.env, tmp_path, f"worker{len(self.workers)}",
-                                 num_cpus=num_cpus, resources=resources)
-        self.workers.append(node)
-        wait_for_nodes(self.driver_env(), 1 + len(self.workers), [self.head, *self.workers])
-        return node
-
     def wait_for_nodes(self, count: int, timeout: float = 150) -> None:
-        wait_for_nodes(self.driver_env(), count, [self.head, *self.workers], timeout)
+        wait_for_nodes(self.driver_env(), count, [self.head], timeout)
 
     def stop(self) -> list[int]:
         """Stop every node this cluster started; returns processes left running (should be none)."""
         left: list[int] = []
-        for node in [*self.workers, *([self.head] if self.head else [])]:
+        for node in [self.head] if self.head else []:
             stop_group(node.proc)
             left += group_alive(node.proc.pid) + processes_mentioning(str(node.temp_dir))
             shutil.rmtree(node.temp_dir, ignore_errors=True)

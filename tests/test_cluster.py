@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from flaky_proxy import FlakyProxy
-from ray_nodes import PROJECT_ROOT, RayNode, start_worker_node, stop_group, wait_for_nodes
+from ray_nodes import PROJECT_ROOT, RayNode, session_members, start_worker_node, stop_group, wait_for_nodes
 from s3_server import closed_port, free_ports
 
 pytestmark = pytest.mark.integration
@@ -58,19 +58,6 @@ class Stack:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(self.tracking_uri)
-
-
-def session_members(sid: int) -> list[int]:
-    """Pids of live processes whose session id is ``sid`` (from /proc)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
 
 
 def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
