@@ -34,6 +34,13 @@ CANDIDATES: dict[str, ModelConfig] = {
                            kernels=(3, 3, 2, 2), embedding_dim=384),
     "s35-c32": ModelConfig(preset="s35-c32", input_size=35, channels=(32, 64, 64, 128),
                            kernels=(3, 3, 2, 2), embedding_dim=512),
+    "cpu-small-bn": ModelConfig.from_preset("cpu-small", batch_norm=True),
+    "s35-c24-bn": ModelConfig(preset="s35-c24-bn", input_size=35, channels=(24, 48, 48, 96),
+                              kernels=(3, 3, 2, 2), embedding_dim=384, init="kaiming", batch_norm=True),
+    "s35-c32-bn": ModelConfig(preset="s35-c32-bn", input_size=35, channels=(32, 64, 64, 128),
+                              kernels=(3, 3, 2, 2), embedding_dim=512, init="kaiming", batch_norm=True),
+    "s48-c16-bn": ModelConfig(preset="s48-c16-bn", input_size=48, channels=(16, 32, 32, 64),
+                              kernels=(5, 4, 3, 2), embedding_dim=256, init="kaiming", batch_norm=True),
 }
 
 

@@ -36,8 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from siamese_core.config import (DEMO_DEFAULTS, TEST_ONESHOT, OneShotConfig,
-                                 apply_overrides)
+from siamese_core.config import RECIPES, TEST_ONESHOT, OneShotConfig, apply_overrides
 from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, fit, oneshot_trials
 from siamese_core.model import parameter_count
 from siamese_core.omniglot import LAKE_TEST_ALPHABETS, OmniglotArrays, load_split
@@ -77,11 +76,15 @@ def main() -> None:
                         help="override DEMO_DEFAULTS, e.g. optim.lr=0.02 training.time_budget_s=240")
     parser.add_argument("--test", action="store_true", help="also score the 400 test trials (final report only)")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="demo")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the demo's setting) or cuda: a GPU compares recipes at a fixed number of "
+                             "epochs much faster; pair with training.epochs=N training.time_budget_s=100000")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_demo_search.jsonl")
     args = parser.parse_args()
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    recipe = apply_overrides(DEMO_DEFAULTS, overrides)
+    recipe = apply_overrides(RECIPES[args.recipe], overrides)
     tr = recipe.training
     if tr.threads is not None:
         torch.set_num_threads(tr.threads)
@@ -96,13 +99,13 @@ def main() -> None:
 
     result = fit(recipe.model, recipe.optim, recipe.distort, recipe.pairs, train, val,
                  epochs=tr.epochs, patience=tr.patience, batch_size=tr.batch_size, seed=tr.seed,
-                 device="cpu", log=lambda m: print(m, flush=True), time_budget_s=tr.time_budget_s,
+                 device=args.device, log=lambda m: print(m, flush=True), time_budget_s=tr.time_budget_s,
                  negatives=tr.negatives, fan_in_scaled=tr.fan_in_scaled)
     model = result.model
     t1 = time.perf_counter()
     wide = evaluate_oneshot(model, val, oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED))
     row = {
-        "tag": args.tag, "overrides": overrides, "params": parameter_count(model),
+        "tag": args.tag, "recipe_name": args.recipe, "device": args.device, "overrides": overrides, "params": parameter_count(model),
         "epochs_run": len(result.history), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
         "train_minutes": result.seconds / 60,
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in result.history])),

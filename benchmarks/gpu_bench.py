@@ -14,7 +14,8 @@ Python + torch.
    step, as in training).
 2. Data stage: the pair stage's CPU work (``workflows.data.PairStage``:
    per alphabet, ``sample_pairs`` then PNG decode + resize of the images the
-   pairs need), in one process on one core, from the training shards (pyarrow)
+   pairs need; the first epoch's work: later epochs take decoded rows from the
+   stage's cache), in one process on one core, from the training shards (pyarrow)
    or the raw zips (``siamese_core.omniglot.iter_raw_images``), or synthetic
    PNGs when neither is there. Each produced pair becomes ``1 + copies``
    training rows on the device, so one core feeds ``rate x (1 + copies)``

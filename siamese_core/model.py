@@ -33,6 +33,10 @@ class SiameseNet(nn.Module):
         self.conv2 = nn.Conv2d(c[0], c[1], k[1])
         self.conv3 = nn.Conv2d(c[1], c[2], k[2])
         self.conv4 = nn.Conv2d(c[2], c[3], k[3])
+        # Batch norm after each conv when the config asks for it; Identity otherwise, so the
+        # paper's network has exactly its own parameters and state-dict keys.
+        for i in range(4):
+            setattr(self, f"conv{i + 1}_norm", nn.BatchNorm2d(c[i]) if self.config.batch_norm else nn.Identity())
         self.pool = nn.MaxPool2d(2)
         side = self.config.feature_map_size()
         self.flat_dim = c[3] * side * side
@@ -45,10 +49,16 @@ class SiameseNet(nn.Module):
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
             # A channels_last model is only fast if its input is too.
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.pool(torch.relu(self.conv1(x)))
-        x = self.pool(torch.relu(self.conv2(x)))
-        x = self.pool(torch.relu(self.conv3(x)))
-        return torch.relu(self.conv4(x))
+        x = self.pool(torch.relu(self.conv1_norm(self.conv1(x))))
+        x = self.pool(torch.relu(self.conv2_norm(self.conv2(x))))
+        x = self.pool(torch.relu(self.conv3_norm(self.conv3(x))))
+        return torch.relu(self.conv4_norm(self.conv4(x)))
+
+    def layer_parameters(self, layer: str) -> list[nn.Parameter]:
+        """Parameters the optimizer treats as ``layer`` (a conv's batch norm belongs to it)."""
+        params = list(getattr(self, layer).parameters())
+        norm = getattr(self, f"{layer}_norm", None)
+        return params + (list(norm.parameters()) if norm is not None else [])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """One twin: images ``(B,1,S,S)`` -> embedding ``h`` ``(B, embedding_dim)`` in (0, 1)."""
@@ -192,7 +202,7 @@ def layer_shapes(model: SiameseNet, batch: int = 1) -> dict[str, tuple[int, ...]
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.no_grad():
         for i, name in enumerate(("conv1", "conv2", "conv3", "conv4")):
-            x = torch.relu(getattr(model, name)(x))
+            x = torch.relu(getattr(model, f"{name}_norm")(getattr(model, name)(x)))
             if i < 3:
                 x = model.pool(x)
             shapes[name] = tuple(x.shape[1:])

@@ -22,9 +22,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.SGD:
     """
     groups = []
     for name in LAYER_NAMES:
-        layer = getattr(model, name)
+        params = (model.layer_parameters(name) if hasattr(model, "layer_parameters")
+                  else list(getattr(model, name).parameters()))
         groups.append({
-            "params": list(layer.parameters()),
+            "params": params,
             "layer": name,
             "base_lr": cfg.layer_lr(name),
             "lr": cfg.layer_lr(name),

@@ -40,3 +40,22 @@ def test_gpu_bench_imports_no_ray() -> None:
             "assert not bad, bad\n") % str(ROOT / "benchmarks" / "gpu_bench.py")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_gpu_session_script_parses_and_its_variants_are_valid_recipes() -> None:
+    """A device lease is short: the prepared script must not fail on a typo in a variant."""
+    from siamese_core.config import DEMO_DEFAULTS, apply_overrides
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    listing = subprocess.run(
+        ["bash", "-c", f'source <(sed -n "/^FIXED=/,/^)/p" {script}); echo "$FIXED"; '
+                       'for v in "${VARIANTS[@]}"; do echo "$v"; done'],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    fixed, variants = listing[0], listing[1:]
+    assert len(variants) >= 2 and variants[0].startswith("base|")
+    for line in variants:
+        tag, epochs, extra = line.split("|")
+        overrides = dict(kv.split("=", 1) for kv in f"{fixed} training.epochs={epochs} {extra}".split())
+        recipe = apply_overrides(DEMO_DEFAULTS, overrides)  # raises ConfigError on a bad key or value
+        assert recipe.training.epochs == int(epochs), tag

@@ -306,6 +306,9 @@ def test_killed_worker_restores_from_last_checkpoint(stack: Stack, spread_run: d
     assert before and all([m.step for m in points].count(s) == 1 for s in before)  # checkpointed epochs not redone
     after = [m for m in points if m.timestamp >= killed_at * 1000]
     recovery_s = min(m.timestamp for m in after) / 1000 - killed_at
+    # The pair stage drew each epoch's own pairs, also after the restart.
+    drawn = history(stack, run.info.run_id, "pairs_epoch")
+    assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
     print(f"worker killed after epoch {max(before)}: next epoch logged {recovery_s:.1f}s later; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
 
@@ -336,6 +339,9 @@ def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
     before = [m.step for m in points if m.timestamp < killed_at * 1000]
     assert before and all([m.step for m in points].count(s) == 1 for s in before)
     after = [m for m in points if m.timestamp >= killed_at * 1000]
+    # The resubmitted job's pair stage went on from the restored epoch instead of drawing epoch 0 again.
+    drawn = history(stack, run.info.run_id, "pairs_epoch")
+    assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
     print(f"driver killed after epoch {max(before)}; resubmitted, next epoch logged "
           f"{min(m.timestamp for m in after) / 1000 - killed_at:.1f}s after the kill; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")

@@ -38,6 +38,9 @@ def test_set_overrides_are_typed() -> None:
     ({"optim.lr_multipliers.conv9": "2"}, "unknown layers"),
     ({"optim": "1"}, "section"),
     ({"distort.probability": "1.5"}, "distort.probability"),
+    ({"model.batch_norm": "maybe"}, "model.batch_norm"),
+    ({"data.decoded_cache_mb": "-1"}, "data.decoded_cache_mb must be >= 0"),
+    ({"data.chunk_pairs": "0"}, "data.chunk_pairs must be >= 1"),
 ])
 def test_bad_values_fail_with_what_to_fix(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -105,6 +105,76 @@ def test_expand_copies_and_steps() -> None:
         [s[0] for s in steps]) + 10)
 
 
+def _write_shard(block: dict[str, np.ndarray], path) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({k: list(v) if k == "image" else v for k, v in block.items()}), str(path))
+    return str(path)
+
+
+def _shard_pairs(cache_mb: float) -> data.ShardPairs:
+    import pyarrow.fs
+
+    stage = data.PairStage(PairConfig(pairs_per_epoch=300), image_size=16, seed=0, n_alphabets=3)
+    return data.ShardPairs(pyarrow.fs.LocalFileSystem(), stage, cache_bytes=int(cache_mb * 2**20),
+                           dataset_key="test")
+
+
+def test_decoded_shards_are_kept_between_epochs(block, tmp_path, monkeypatch) -> None:
+    """Epoch 1 from the cache (the file is gone) equals epoch 1 read and decoded afresh."""
+    monkeypatch.setattr(data, "_PROCESS_CACHE", None)
+    path = _write_shard(block, tmp_path / "shard.parquet")
+    batch = {"path": np.array([path])}
+    monkeypatch.setattr(data, "current_execution_index", lambda: 1)
+    fresh = _shard_pairs(0)(batch)
+    monkeypatch.setattr(data, "_PROCESS_CACHE", None)
+    monkeypatch.setattr(data, "current_execution_index", lambda: 0)
+    cached = _shard_pairs(64)
+    first = cached(batch)
+    assert data.process_cache(cached.cache_bytes).misses == 1
+    (tmp_path / "shard.parquet").unlink()
+    monkeypatch.setattr(data, "current_execution_index", lambda: 1)
+    second = cached(batch)
+    assert data.process_cache(cached.cache_bytes).hits == 1
+    assert set(second["epoch"]) == {1} and not np.array_equal(first["left"], second["left"])
+    for key in data.PAIR_COLUMNS:
+        assert np.array_equal(second[key], fresh[key]), key
+    # Without a cache every epoch reads the shard again, and the file is gone.
+    monkeypatch.setattr(data, "_PROCESS_CACHE", None)
+    with pytest.raises(FileNotFoundError):
+        _shard_pairs(0)(batch)
+
+
+def test_shard_cache_stays_within_its_cap(block) -> None:
+    stage = data.PairStage(PairConfig(pairs_per_epoch=300), image_size=16, seed=0, n_alphabets=3)
+    shards = [stage.decoded_shard(block) for _ in range(3)]
+    for s in shards:
+        s.ensure_decoded(np.arange(len(s.drawer)))
+    assert all(s.pngs is None for s in shards)  # PNG bytes are dropped once every row is decoded
+    one = shards[0].nbytes
+    cache = data.ShardCache(max_bytes=2 * one + one // 2)
+    for i, s in enumerate(shards):
+        cache.put(("k", i), s)
+        assert cache.nbytes <= cache.max_bytes
+    assert cache.get(("k", 0)) is None and cache.get(("k", 2)) is shards[2]  # least recently used left first
+    cache.max_bytes = one // 2
+    cache.evict()
+    assert cache.nbytes == 0
+    cache.put(("k", 9), shards[0])  # larger than the whole cap: not kept
+    assert cache.get(("k", 9)) is None
+
+
+def test_rows_are_decoded_only_when_a_pair_needs_them(block, monkeypatch) -> None:
+    monkeypatch.setattr(data, "current_execution_index", lambda: 0)
+    stage = data.PairStage(PairConfig(pairs_per_epoch=20), image_size=16, seed=0, n_alphabets=2)
+    shard = stage.decoded_shard(block)
+    out = stage.pairs_for_shard(shard, 0)
+    assert 0 < shard.decoded.sum() < len(shard.decoded) and shard.pngs is not None
+    assert (shard.images[~shard.decoded] == 0).all()
+    assert len(out["same"]) == 20
+
+
 @pytest.mark.integration
 def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(small_shards: str) -> None:
     """Through Ray Data itself: each pass (epoch) draws new pairs; a block is one shard."""
@@ -120,3 +190,22 @@ def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(sma
     first = np.sort(np.concatenate([b["left"].reshape(len(b["left"]), -1).sum(1) for b in epochs[0]]))
     second = np.sort(np.concatenate([b["left"].reshape(len(b["left"]), -1).sum(1) for b in epochs[1]]))
     assert not np.array_equal(first, second)
+
+    # With decoded shards kept between epochs, each epoch's pairs are the same as without.
+    cached = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3,
+                                 cache_mb=64)
+    for epoch in range(2):
+        blocks = list(cached.iter_batches(batch_size=None, batch_format="numpy"))
+        key = lambda b: (b["left"].sum(), b["right"].sum())  # noqa: E731  (blocks may come in any order)
+        assert [key(b) for b in sorted(blocks, key=key)] == [key(b) for b in sorted(epochs[epoch], key=key)]
+
+    # With an epoch clock (what Train workers set), the clock's epoch decides, however many passes ran before.
+    import ray
+
+    clock = data.start_epoch_clock()
+    clocked = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3, clock=clock)
+    ray.get(clock.set.remote(1))
+    for _ in range(2):
+        blocks = list(clocked.iter_batches(batch_size=None, batch_format="numpy"))
+        assert {int(e) for b in blocks for e in b["epoch"]} == {1}
+        assert [key(b) for b in sorted(blocks, key=key)] == [key(b) for b in sorted(epochs[1], key=key)]

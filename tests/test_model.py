@@ -159,3 +159,23 @@ def test_init_option_koch_stays_paper_and_kaiming_does_not_saturate() -> None:
         h = m.embed(x)
     assert ((h < 0.02) | (h > 0.98)).float().mean().item() < 0.05
     assert h.std(dim=0).mean().item() > 1e-2
+
+
+def test_batch_norm_option_adds_norms_that_train_with_their_conv() -> None:
+    from siamese_core.optim import build_optimizer
+    from siamese_core.config import OptimizerConfig
+
+    plain, normed = build_model("cpu-small", seed=0), build_model(ModelConfig.from_preset("cpu-small", batch_norm=True), seed=0)
+    assert not any("norm" in k for k in plain.state_dict())  # the paper's network is unchanged
+    assert {f"conv{i}_norm.running_mean" for i in range(1, 5)} <= set(normed.state_dict())
+    assert parameter_count(normed) == parameter_count(plain) + 2 * sum(normed.config.channels)
+    groups = {g["layer"]: g for g in build_optimizer(normed, OptimizerConfig(lr_multipliers={"conv2": 2.0})).param_groups}
+    assert any(p is normed.conv2_norm.weight for p in groups["conv2"]["params"])
+    assert groups["conv2"]["lr"] == pytest.approx(2 * groups["conv1"]["lr"])
+    x = torch.rand(6, 1, 35, 35, generator=torch.Generator().manual_seed(0))
+    normed.train()
+    normed(x[:3], x[3:]).sum().backward()
+    assert normed.conv1_norm.weight.grad is not None and normed.conv1_norm.num_batches_tracked == 1
+    normed.eval()  # eval uses the running statistics: a pair's score does not depend on its batch
+    assert torch.allclose(normed(x[:1], x[3:4]), normed(x[:3], x[3:])[:1], atol=1e-6)
+    assert layer_shapes(normed) == layer_shapes(plain)

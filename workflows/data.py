@@ -5,9 +5,12 @@ pair stage samples within one block at a time: its memory is bounded by a few
 shards in flight, never by the size of the data set, and it needs no global
 shuffle. Pairs are a pure function of ``(seed, epoch, alphabet)``:
 
-* the epoch is the index of the dataset's execution (Ray re-executes the
-  pipeline for every pass a Train worker makes) plus ``epoch_offset``, so each
-  epoch draws new pairs and a re-run draws the same ones;
+* the epoch is the one the Train workers are on: they set it on an
+  :class:`EpochClock` actor before each pass, and each stage task reads it, so
+  each epoch draws new pairs, a re-run draws the same ones, and a run resumed
+  from a checkpoint (new workers, or a new driver) draws the pairs of the epoch
+  it trains, not epoch 0's again. Without a clock (a dataset iterated
+  directly), the epoch is the index of the dataset's execution;
 * every alphabet gets ``pairs_per_epoch / n_alphabets`` pairs, as in the paper.
 
 The stage emits each pair once; the ``distorted_copies`` are expanded on the
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -48,72 +53,222 @@ def current_execution_index() -> int:
     return int(getattr(DataContext.get_current(), "_execution_idx", 0))
 
 
+@dataclass
+class DecodedShard:
+    """One shard's rows in the training drawers, with images decoded on first use and kept.
+
+    Why: decoding PNGs is most of the pair stage's work, and every epoch samples
+    from the same rows. Keeping the decoded rows (in :class:`ShardCache`) leaves
+    later epochs only the sampling and a gather.
+    """
+
+    alphabet: np.ndarray
+    character: np.ndarray
+    drawer: np.ndarray
+    image_id: np.ndarray
+    pngs: np.ndarray | None
+    images: np.ndarray
+    decoded: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, np.ndarray], drawers: tuple[int, ...], image_size: int) -> "DecodedShard":
+        keep = np.flatnonzero(np.isin(rows["drawer"], drawers))
+        n = len(keep)
+        return cls(alphabet=np.asarray(rows["alphabet"])[keep], character=np.asarray(rows["character"])[keep],
+                   drawer=np.asarray(rows["drawer"])[keep], image_id=np.asarray(rows["image_id"])[keep],
+                   pngs=np.asarray(rows["image"], dtype=object)[keep],
+                   images=np.zeros((n, image_size, image_size), dtype=np.uint8), decoded=np.zeros(n, dtype=bool))
+
+    def ensure_decoded(self, rows: np.ndarray) -> None:
+        """Decode the given rows that are not decoded yet; drop the PNG bytes once all are."""
+        size = self.images.shape[1]
+        for i in rows[~self.decoded[rows]]:
+            assert self.pngs is not None
+            image = decode_png(self.pngs[i], path=str(self.image_id[i]), size=size)
+            self.images[i] = np.rint(image * 255.0).astype(np.uint8)
+            self.decoded[i] = True
+        if self.pngs is not None and self.decoded.all():
+            self.pngs = None
+
+    @property
+    def nbytes(self) -> int:
+        pngs = 0 if self.pngs is None else sum(len(p) for p in self.pngs)
+        return int(self.images.nbytes + pngs + self.image_id.nbytes + self.alphabet.nbytes + 16 * len(self.drawer))
+
+
+class ShardCache:
+    """Decoded shards, least recently used first out, within ``max_bytes`` (0 keeps nothing).
+
+    One per pair-stage worker process (:func:`process_cache`): Ray Data runs each
+    epoch as new tasks, but reuses warm worker processes, so the cache survives
+    from one epoch to the next. Memory stays bounded by ``max_bytes`` plus the
+    shard in hand, whatever the size of the data set; a data set larger than the
+    cap re-decodes the shards that fell out.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, DecodedShard] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> DecodedShard | None:
+        shard = self.entries.get(key)
+        if shard is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return shard
+
+    def put(self, key: tuple, shard: DecodedShard) -> None:
+        self.entries.pop(key, None)
+        if shard.nbytes > self.max_bytes:
+            return
+        self.entries[key] = shard
+        self.evict()
+
+    def evict(self) -> None:
+        """Drop the least recently used shards until the cache fits ``max_bytes``."""
+        while self.entries and self.nbytes > self.max_bytes:
+            self.entries.popitem(last=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.entries.values())
+
+
+_PROCESS_CACHE: ShardCache | None = None
+
+
+def process_cache(max_bytes: int) -> ShardCache:
+    """This worker process's shard cache (created on first use, resized if the cap changes)."""
+    global _PROCESS_CACHE
+    if _PROCESS_CACHE is None:
+        _PROCESS_CACHE = ShardCache(max_bytes)
+    elif _PROCESS_CACHE.max_bytes != max_bytes:
+        _PROCESS_CACHE.max_bytes = max_bytes
+        _PROCESS_CACHE.evict()
+    return _PROCESS_CACHE
+
+
+class EpochClock:
+    """The epoch the Train workers are on, for the pair stage's tasks to read.
+
+    Why an actor: Ray Data runs the stage in its own tasks, and its execution
+    counter starts again at 0 whenever Ray Train restarts the workers, so only
+    the workers know which epoch they are about to train. Workers call
+    ``set`` before iterating an epoch; the stage calls ``get`` once per task.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def get(self) -> int:
+        return self.epoch
+
+
+def start_epoch_clock() -> Any:
+    """A new :class:`EpochClock` actor (no CPU; restarted if its process dies, and set again next epoch)."""
+    import ray
+
+    return ray.remote(num_cpus=0, max_restarts=-1)(EpochClock).remote()
+
+
 class PairStage:
-    """``map_batches`` callable: a block of image rows -> a block of pairs.
+    """Pairs from one shard's decoded rows, a pure function of ``(seed, epoch, alphabet)``.
 
     Images are decoded and resized to the model's input size here, on Ray Data's
     CPUs, so trainers receive ready uint8 arrays.
     """
 
     def __init__(self, pair_cfg: PairConfig, image_size: int, seed: int, n_alphabets: int,
-                 epoch_offset: int = 0, negatives: str = "same_alphabet") -> None:
+                 negatives: str = "same_alphabet", clock: Any = None) -> None:
         self.pair_cfg = pair_cfg
         self.image_size = image_size
         self.seed = seed
         self.pairs_per_alphabet = max(1, round(pair_cfg.pairs_per_epoch / max(1, n_alphabets)))
-        self.epoch_offset = epoch_offset
         self.negatives = negatives
+        self.clock = clock
+
+    def current_epoch(self) -> int:
+        """The workers' epoch from the clock; without one, the dataset's execution index."""
+        if self.clock is None:
+            return current_execution_index()
+        import ray
+
+        return int(ray.get(self.clock.get.remote()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self.epoch_offset + current_execution_index()
-        outputs = [self.pairs_for_alphabet(batch, name, epoch) for name in sorted(set(batch["alphabet"]))]
+        """A block of image rows (the shard schema) -> its pairs for the current epoch."""
+        return self.pairs_for_shard(self.decoded_shard(batch), self.current_epoch())
+
+    def decoded_shard(self, rows: dict[str, np.ndarray]) -> DecodedShard:
+        return DecodedShard.from_rows(rows, self.pair_cfg.drawers, self.image_size)
+
+    def pairs_for_shard(self, shard: DecodedShard, epoch: int) -> dict[str, np.ndarray]:
+        outputs = [self.pairs_for_alphabet(shard, name, epoch) for name in sorted(set(shard.alphabet))]
+        if not outputs:
+            empty = np.zeros((0, self.image_size, self.image_size), dtype=np.uint8)
+            return {"left": empty, "right": empty, "same": np.zeros(0, np.float32), "epoch": np.zeros(0, np.int32)}
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
-    def pairs_for_alphabet(self, batch: dict[str, np.ndarray], alphabet: str, epoch: int) -> dict[str, np.ndarray]:
-        rows = np.flatnonzero((batch["alphabet"] == alphabet) & np.isin(batch["drawer"], self.pair_cfg.drawers))
+    def pairs_for_alphabet(self, shard: DecodedShard, alphabet: str, epoch: int) -> dict[str, np.ndarray]:
+        rows = np.flatnonzero(shard.alphabet == alphabet)
         cfg = dataclasses.replace(self.pair_cfg, pairs_per_epoch=max(2, self.pairs_per_alphabet),
                                   distorted_copies=0)
-        pairs = sample_pairs(batch["alphabet"][rows], batch["character"][rows], cfg,
+        pairs = sample_pairs(shard.alphabet[rows], shard.character[rows], cfg,
                              seed=alphabet_seed(self.seed, alphabet), epoch=epoch,
-                             drawer=batch["drawer"][rows], negatives=self.negatives)
-        needed = np.unique(np.concatenate([pairs.left, pairs.right]))
-        decoded = np.zeros((len(rows), self.image_size, self.image_size), dtype=np.uint8)
-        for i in needed:
-            row = rows[i]
-            image = decode_png(batch["image"][row], path=str(batch["image_id"][row]), size=self.image_size)
-            decoded[i] = np.rint(image * 255.0).astype(np.uint8)
-        return {"left": decoded[pairs.left], "right": decoded[pairs.right],
+                             drawer=shard.drawer[rows], negatives=self.negatives)
+        left, right = rows[pairs.left], rows[pairs.right]
+        shard.ensure_decoded(np.unique(np.concatenate([left, right])))
+        return {"left": shard.images[left], "right": shard.images[right],
                 "same": pairs.same.astype(np.float32),
                 "epoch": np.full(len(pairs), epoch, dtype=np.int32)}
 
 
 class ShardPairs:
-    """``map_batches`` callable: shard paths -> that shard's pairs (one shard in memory at a time).
+    """``map_batches`` callable: shard paths -> that shard's pairs (one shard read at a time).
 
     Ray Data's Parquet reader merges small files into one block, which would
     hand the pair stage the whole data set at once; reading each listed shard
     here keeps the stage's memory at one shard per task, whatever the data size.
+    Decoded shards are kept in the process's :class:`ShardCache` (``cache_bytes``
+    at most), so later epochs neither read nor decode them again.
     """
 
-    def __init__(self, filesystem: Any, stage: PairStage) -> None:
+    def __init__(self, filesystem: Any, stage: PairStage, cache_bytes: int = 0, dataset_key: str = "") -> None:
         self.filesystem = filesystem
         self.stage = stage
+        self.cache_bytes = cache_bytes
+        self.dataset_key = dataset_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import pyarrow.parquet as pq
-
+        cache = process_cache(self.cache_bytes)
+        epoch = self.stage.current_epoch()
         outputs = []
         for path in batch["path"]:
-            table = pq.read_table(str(path), columns=SOURCE_COLUMNS, filesystem=self.filesystem)
-            rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in SOURCE_COLUMNS}
-            outputs.append(self.stage(rows))
+            key = (self.dataset_key, str(path), self.stage.image_size, self.stage.pair_cfg.drawers)
+            shard = cache.get(key)
+            if shard is None:
+                shard = self.stage.decoded_shard(self.read(str(path)))
+            outputs.append(self.stage.pairs_for_shard(shard, epoch))
+            cache.put(key, shard)
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
+
+    def read(self, path: str) -> dict[str, np.ndarray]:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=self.filesystem)
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in SOURCE_COLUMNS}
 
 
 def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
-                   endpoint_url: str | None = None, epoch_offset: int = 0,
+                   endpoint_url: str | None = None, clock: Any = None,
                    negatives: str = "same_alphabet", num_cpus: float = 0.5, read_cpus: float = 0.25,
-                   concurrency: int = 1) -> Any:
+                   concurrency: int = 1, cache_mb: float = 0.0) -> Any:
     """The streaming pair dataset over the training split (lazy; runs when iterated).
 
     * The manifest's shard list is the dataset; each task reads one shard and
@@ -123,6 +278,11 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
       reuse warm worker processes where an actor pool is created again.
     * CPU requests are fractional so the stage always finds a slot beside the
       Train workers on a small machine (whole-CPU requests hang there).
+    * ``clock`` (an :class:`EpochClock` handle the Train workers set) says which
+      epoch's pairs to draw; without it, each execution is the next epoch.
+    * ``cache_mb`` > 0 keeps up to that many MB of decoded shards per stage
+      process (:class:`ShardCache`), so epochs after the first skip reading
+      and decoding.
     """
     import ray.data
 
@@ -132,9 +292,10 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
     n_alphabets = int(manifest.splits["train"]["alphabets"])
     loc, paths = shards.split_files(uri, "train", endpoint_url)
     stage = PairStage(pair_cfg=pair_cfg, image_size=image_size, seed=seed, n_alphabets=n_alphabets,
-                      epoch_offset=epoch_offset, negatives=negatives)
+                      negatives=negatives, clock=clock)
     listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    return listing.map_batches(ShardPairs(loc.fs, stage), batch_size=1, batch_format="numpy",
+    pairs = ShardPairs(loc.fs, stage, cache_bytes=int(cache_mb * 2**20), dataset_key=manifest.content_checksum)
+    return listing.map_batches(pairs, batch_size=1, batch_format="numpy",
                                num_cpus=num_cpus + read_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
 
 
@@ -152,9 +313,24 @@ def expand_copies(left: Any, right: Any, same: Any, copies: int) -> tuple[Any, A
             same.repeat(reps), mask)
 
 
+def iter_epoch_chunks(shard: Any, chunk_pairs: int, batch_size: int, shuffle_buffer: int = 0,
+                      shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """One epoch of pairs from a Train worker's dataset shard, in chunks of ``chunk_pairs``.
+
+    Why chunks: Ray Data's per-batch work (collation, a thread hand-off, the optional
+    local shuffle buffer) costs about as much as a small CPU training step. Fetching
+    big chunks and cutting them into training batches locally (:func:`iter_steps`,
+    which also shuffles each chunk, mixing the alphabets it spans) makes it negligible.
+    """
+    return shard.iter_torch_batches(batch_size=max(chunk_pairs, batch_size), drop_last=False,
+                                    local_shuffle_buffer_size=shuffle_buffer or None,
+                                    local_shuffle_seed=shuffle_seed)
+
+
 def iter_steps(left: Any, right: Any, same: Any, mask: Any, batch_size: int,
                generator: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """Shuffle an expanded chunk and cut it into training batches of ``batch_size``."""
+    """Shuffle an expanded chunk and cut it into training batches of ``batch_size``
+    (a last partial batch is dropped, as ``drop_last`` would)."""
     import torch
 
     order = torch.randperm(left.shape[0], generator=generator, device=generator.device).to(left.device)

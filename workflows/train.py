@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from siamese_core.fit import EarlyStopping, new_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
-    from workflows.data import expand_copies, iter_steps
+    from workflows.data import expand_copies, iter_epoch_chunks, iter_steps
 
     cfg: JobConfig = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
     ctx = ray.train.get_context()
@@ -149,16 +149,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker_nodes = _nodes_in_use()
     validation = Validation.load(cfg, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
+    clock = loop_config.get("epoch_clock")
     started = time.perf_counter()
     epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.training.epochs):
         t0 = time.perf_counter()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, rank))
-        loss_sum, steps, pairs_seen = 0.0, 0, 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.training.batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer_pairs or None,
-                                              local_shuffle_seed=cfg.training.seed + epoch):
+        loss_sum, steps, pairs_seen, pairs_epoch = 0.0, 0, 0, -1
+        if clock is not None:
+            ray.get(clock.set.remote(epoch))  # before iterating: the pair stage draws this epoch's pairs
+        for batch in iter_epoch_chunks(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
+                                       cfg.data.shuffle_buffer_pairs, cfg.training.seed + epoch):
+            pairs_epoch = int(batch["epoch"][0]) if pairs_epoch < 0 and len(batch["epoch"]) else pairs_epoch
             expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
             for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
                 loss_sum += train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
@@ -185,6 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
                 "train_pairs_per_second": pairs_seen * world / max(train_seconds, 1e-9),
                 "steps": steps, "workers": world, "worker_nodes": worker_nodes,
+                "pairs_epoch": pairs_epoch,  # the epoch the pair stage drew for: equal to "epoch" when in step
                 "stop": "early_stopping" if stopper.should_stop else "time_budget" if over_budget
                 else "epochs" if epoch + 1 >= cfg.training.epochs else "",
             })
@@ -247,15 +251,18 @@ def check_resources(cfg: JobConfig) -> None:
 
 
 def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any, callbacks: list) -> Any:
+    """A ``TorchTrainer`` over the streaming pair dataset, its workers and the stage sharing an epoch clock."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workflows.data import training_pairs
+    from workflows.data import start_epoch_clock, training_pairs
 
+    clock = start_epoch_clock()
+    loop_config = {**loop_config, "epoch_clock": clock}
     dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
-                             cfg.data.endpoint_url, negatives=cfg.training.negatives,
+                             cfg.data.endpoint_url, clock=clock, negatives=cfg.training.negatives,
                              num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
-                             concurrency=cfg.data.pair_stage_concurrency)
+                             concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
