@@ -12,6 +12,8 @@
 #    cpu-small on 2 cores, from bench_model_presets.py). The GPU only makes the comparison
 #    fast; selection is on the 1,600 validation trials, never on test.
 #
+# PARTS=bench,paper,sweep (default) picks the parts; SWEEP=sgd (default: the variants below)
+# or SWEEP=adam (optim.algorithm=adam variants, and the recipe again with another seed for the noise).
 # Knobs for a dry run on a CPU machine: DEVICE=cpu EPOCH_SCALE=0.02 PAPER_BUDGET_S=20 SWEEP_TIMEOUT_S=120
 set -u
 DATA=${1:?usage: gpu_session.sh OMNIGLOT_DIR OUT_DIR}
@@ -21,6 +23,8 @@ EPOCH_SCALE=${EPOCH_SCALE:-1}
 PAPER_BUDGET_S=${PAPER_BUDGET_S:-300}
 SWEEP_TIMEOUT_S=${SWEEP_TIMEOUT_S:-340}
 PY=${PYTHON:-python3}
+PARTS=${PARTS:-bench,paper,sweep}
+SWEEP=${SWEEP:-sgd}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d)
@@ -29,10 +33,12 @@ CACHE="$WORK/cache"
 echo "== $(date -u +%T) machine"
 { nvidia-smi -L 2>/dev/null || true; nproc; $PY -c "import torch; print('torch', torch.__version__)"; } 2>&1
 
-echo "== $(date -u +%T) gpu_bench"
-if [ "$DEVICE" = cuda ]; then BENCH_ARGS=(); else BENCH_ARGS=(--quick); fi
-timeout 200 $PY benchmarks/gpu_bench.py --device "$DEVICE" --source "$DATA" "${BENCH_ARGS[@]}" \
-    --json "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+if [[ $PARTS == *bench* ]]; then
+  echo "== $(date -u +%T) gpu_bench"
+  if [ "$DEVICE" = cuda ]; then BENCH_ARGS=(); else BENCH_ARGS=(--quick); fi
+  timeout 200 $PY benchmarks/gpu_bench.py --device "$DEVICE" --source "$DATA" "${BENCH_ARGS[@]}" \
+      --json "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
+fi
 
 echo "== $(date -u +%T) decode the splits once (35 px, 48 px)"
 for size in 35 48; do
@@ -67,11 +73,29 @@ VARIANTS=(
   "c24bn-lr0.12|22|$BN $C24 optim.lr=0.12"
   "s48bn-lr0.12|22|$BN $S48 optim.lr=0.12"
 )
+ADAM="optim.algorithm=adam"
+ONE="optim.lr_multipliers.fc=1 optim.lr_multipliers.head=1"
+ADAM_VARIANTS=(
+  "base-seed1|51|training.seed=1"
+  "adam-lr3e-4|51|$ADAM optim.lr=0.0003"
+  "adam-lr5e-4|51|$ADAM optim.lr=0.0005"
+  "adam-lr1e-3|51|$ADAM optim.lr=0.001"
+  "adam-lr2e-3|51|$ADAM optim.lr=0.002"
+  "adam-lr1e-3-x1|51|$ADAM optim.lr=0.001 $ONE"
+  "adam-lr1e-3-decay0.9|51|$ADAM optim.lr=0.001 optim.lr_decay=0.9"
+  "adam-lr1e-3-wd0|51|$ADAM optim.lr=0.001 optim.weight_decay=0"
+  "adam-bn-lr1e-3|32|$ADAM $BN optim.lr=0.001"
+  "adam-bn-lr3e-3|32|$ADAM $BN optim.lr=0.003"
+)
+if [ "$SWEEP" = adam ]; then VARIANTS=("${ADAM_VARIANTS[@]}"); fi
 
 echo "== $(date -u +%T) paper recipe for ${PAPER_BUDGET_S}s, and ${#VARIANTS[@]} demo variants, side by side"
-timeout $((PAPER_BUDGET_S + 150)) $PY benchmarks/cpu_demo_search.py --recipe paper --device "$DEVICE" \
-    --source "$DATA" --test --tag "paper-${PAPER_BUDGET_S}s" --results "$WORK/paper.jsonl" \
-    --set training.time_budget_s="$PAPER_BUDGET_S" > "$WORK/paper.log" 2>&1 &
+if [[ $PARTS == *paper* ]]; then
+  timeout $((PAPER_BUDGET_S + 150)) $PY benchmarks/cpu_demo_search.py --recipe paper --device "$DEVICE" \
+      --source "$DATA" --test --tag "paper-${PAPER_BUDGET_S}s" --results "$WORK/paper.jsonl" \
+      --set training.time_budget_s="$PAPER_BUDGET_S" > "$WORK/paper.log" 2>&1 &
+fi
+[[ $PARTS == *sweep* ]] || VARIANTS=()
 for v in "${VARIANTS[@]}"; do
   IFS='|' read -r tag n extra <<<"$v"
   # shellcheck disable=SC2086
@@ -82,8 +106,8 @@ done
 wait
 echo "== $(date -u +%T) done"
 
-cat "$WORK"/sweep-*.jsonl "$WORK/paper.jsonl" > "$OUT_DIR/results.jsonl" 2>/dev/null
-for f in "$WORK"/sweep-*.log "$WORK/paper.log"; do echo "##### $(basename "$f")"; cat "$f"; done > "$OUT_DIR/runs.log"
+cat "$WORK"/*.jsonl > "$OUT_DIR/results.jsonl" 2>/dev/null
+for f in "$WORK"/*.log; do echo "##### $(basename "$f")"; cat "$f"; done > "$OUT_DIR/runs.log"
 $PY - "$OUT_DIR/results.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]

@@ -17,6 +17,9 @@ from typing import Any, Mapping
 INIT_SCHEMES: tuple[str, ...] = ("paper", "kaiming")
 """Weight initialisations a ModelConfig may name (``ModelConfig.init``)."""
 
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+"""Optimizers an OptimizerConfig may name (``OptimizerConfig.algorithm``)."""
+
 LAYER_NAMES: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "fc", "head")
 """The network's layers, in order; per-layer optimizer settings use these names."""
 
@@ -116,6 +119,9 @@ class OptimizerConfig:
     weight_decay: float = 2e-4
     weight_decay_per_layer: Mapping[str, float] = field(default_factory=dict)
     lr_decay: float = 0.99
+    algorithm: str = "sgd"
+    """"sgd" (the paper's, with the momentum ramp) or "adam" (per-layer rates, L2 and decay
+    kept; the momentum settings do not apply)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_multipliers", _per_layer("lr_multipliers", self.lr_multipliers))
@@ -132,6 +138,7 @@ class OptimizerConfig:
             _require(value >= 0.0, f"optim.{name} must be >= 0, got {value}")
         _require(self.momentum_ramp_epochs >= 1, "optim.momentum_ramp_epochs must be >= 1")
         _require(0.0 < self.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {self.lr_decay}")
+        _require(self.algorithm in OPTIMIZERS, f"optim.algorithm must be one of {OPTIMIZERS}, got {self.algorithm!r}")
 
     def layer_lr(self, layer: str) -> float:
         return self.lr * self.lr_multipliers.get(layer, 1.0)

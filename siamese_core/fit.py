@@ -315,7 +315,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
         row = {"epoch": float(epoch), "train_loss": loss_sum / max(1, n_seen),
                "val_verification_accuracy": ver, "val_oneshot_accuracy": one.accuracy,
                "lr": float(optimizer.param_groups[0]["lr"]),
-               "momentum": float(optimizer.param_groups[0]["momentum"]),
+               "momentum": float(optimizer.param_groups[0].get("momentum", 0.0)),
                "train_seconds": train_seconds, "seconds": seconds}
         history.append(row)
         say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val verif {ver:.4f}  "

@@ -14,7 +14,7 @@ from torch import nn
 from .config import LAYER_NAMES, OptimizerConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """SGD with one param group per layer (key ``"layer"``), set for epoch 0.
 
     Each group records its base rate (``"base_lr"``) so the epoch schedule is a
@@ -36,6 +36,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.SGD:
     missing = [n for n, p in model.named_parameters() if id(p) not in covered]
     if missing:
         raise ValueError(f"parameters outside the layers {list(LAYER_NAMES)}: {missing}")
+    if cfg.algorithm == "adam":
+        for group in groups:
+            del group["momentum"]
+        return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum_start)
 
 
@@ -57,4 +61,5 @@ def apply_epoch_schedule(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
     for group in optimizer.param_groups:
         layer = group["layer"]
         group["lr"] = layer_lr_at(cfg, layer, epoch)
-        group["momentum"] = layer_momentum_at(cfg, layer, epoch)
+        if "momentum" in group:  # SGD's; Adam has its betas
+            group["momentum"] = layer_momentum_at(cfg, layer, epoch)

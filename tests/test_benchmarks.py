@@ -49,8 +49,8 @@ def test_gpu_session_script_parses_and_its_variants_are_valid_recipes() -> None:
     script = ROOT / "benchmarks" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     listing = subprocess.run(
-        ["bash", "-c", f'source <(sed -n "/^FIXED=/,/^)/p" {script}); echo "$FIXED"; '
-                       'for v in "${VARIANTS[@]}"; do echo "$v"; done'],
+        ["bash", "-c", f'source <(sed -n "/^FIXED=/,/^if/p" {script}); echo "$FIXED"; '
+                       'for v in "${VARIANTS[@]}" "${ADAM_VARIANTS[@]}"; do echo "$v"; done'],
         capture_output=True, text=True, check=True).stdout.splitlines()
     fixed, variants = listing[0], listing[1:]
     assert len(variants) >= 2 and variants[0].startswith("base|")

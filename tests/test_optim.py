@@ -91,3 +91,17 @@ def test_negative_epoch_rejected(model) -> None:
     cfg = OptimizerConfig()
     with pytest.raises(ValueError):
         apply_epoch_schedule(build_optimizer(model, cfg), cfg, -1)
+
+
+def test_adam_keeps_per_layer_rates_decay_and_l2(model) -> None:
+    cfg = OptimizerConfig(algorithm="adam", lr=1e-3, lr_multipliers={"head": 4.0}, lr_decay=0.5,
+                          weight_decay_per_layer={"fc": 0.0})
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, torch.optim.Adam)
+    groups = {g["layer"]: g for g in opt.param_groups}
+    assert "momentum" not in groups["conv1"]
+    apply_epoch_schedule(opt, cfg, 2)
+    assert groups["head"]["lr"] == pytest.approx(4e-3 * 0.25) and groups["conv1"]["lr"] == pytest.approx(1e-3 * 0.25)
+    assert groups["fc"]["weight_decay"] == 0.0 and groups["conv1"]["weight_decay"] == cfg.weight_decay
+    with pytest.raises(ValueError, match="optim.algorithm"):
+        OptimizerConfig(algorithm="rmsprop")

@@ -184,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "epoch": epoch, "epochs_completed": epoch + 1, "train_loss": train_loss, "improved": int(improved),
                 "best_val_oneshot_accuracy": stopper.best_value, "best_epoch": stopper.best_epoch,
                 "lr": float(optimizer.param_groups[0]["lr"]),
-                "momentum": float(optimizer.param_groups[0]["momentum"]),
+                "momentum": float(optimizer.param_groups[0].get("momentum", 0.0)),
                 "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
                 "train_pairs_per_second": pairs_seen * world / max(train_seconds, 1e-9),
                 "steps": steps, "workers": world, "worker_nodes": worker_nodes,
