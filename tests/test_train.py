@@ -49,8 +49,10 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert sorted(m.step for m in history) == [0, 1]
     assert all(0.0 <= m.value <= 1.0 for m in history)
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
-    # 120 pairs per worker -> 3 batches of 32 pairs, each expanded x2 -> 6 steps per epoch.
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [6.0, 6.0]
+    # 120 pairs per worker come as one chunk (data.chunk_pairs 2,048), expanded x2 = 240 rows
+    # -> 7 full batches of 32 per epoch (the last 16 rows are dropped).
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "steps")] == [7.0, 7.0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "pairs_epoch")] == [0.0, 1.0]
     # 2 test alphabets x 2 runs x 20 queries, scored once from the best checkpoint.
     assert summary["test_trials"] == 80
     assert run.data.metrics["test_oneshot_accuracy"] == pytest.approx(summary["test_accuracy"])
