@@ -69,15 +69,17 @@ class DecodedShard:
     pngs: np.ndarray | None
     images: np.ndarray
     decoded: np.ndarray
+    png_bytes: int = 0
 
     @classmethod
     def from_rows(cls, rows: dict[str, np.ndarray], drawers: tuple[int, ...], image_size: int) -> "DecodedShard":
         keep = np.flatnonzero(np.isin(rows["drawer"], drawers))
         n = len(keep)
+        pngs = np.asarray(rows["image"], dtype=object)[keep]
         return cls(alphabet=np.asarray(rows["alphabet"])[keep], character=np.asarray(rows["character"])[keep],
                    drawer=np.asarray(rows["drawer"])[keep], image_id=np.asarray(rows["image_id"])[keep],
-                   pngs=np.asarray(rows["image"], dtype=object)[keep],
-                   images=np.zeros((n, image_size, image_size), dtype=np.uint8), decoded=np.zeros(n, dtype=bool))
+                   pngs=pngs, images=np.zeros((n, image_size, image_size), dtype=np.uint8),
+                   decoded=np.zeros(n, dtype=bool), png_bytes=sum(len(p) for p in pngs))
 
     def ensure_decoded(self, rows: np.ndarray) -> None:
         """Decode the given rows that are not decoded yet; drop the PNG bytes once all are."""
@@ -88,12 +90,12 @@ class DecodedShard:
             self.images[i] = np.rint(image * 255.0).astype(np.uint8)
             self.decoded[i] = True
         if self.pngs is not None and self.decoded.all():
-            self.pngs = None
+            self.pngs, self.png_bytes = None, 0
 
     @property
     def nbytes(self) -> int:
-        pngs = 0 if self.pngs is None else sum(len(p) for p in self.pngs)
-        return int(self.images.nbytes + pngs + self.image_id.nbytes + self.alphabet.nbytes + 16 * len(self.drawer))
+        return int(self.images.nbytes + self.png_bytes + self.image_id.nbytes + self.alphabet.nbytes
+                   + 16 * len(self.drawer))
 
 
 class ShardCache:
