@@ -253,11 +253,11 @@ class ShardPairs:
         outputs = []
         for path in batch["path"]:
             key = (self.dataset_key, str(path), self.stage.image_size, self.stage.pair_cfg.drawers)
-            shard = cache.get(key)
+            shard = cache.get(key)  # a hit also marks it most recently used
             if shard is None:
                 shard = self.stage.decoded_shard(self.read(str(path)))
+                cache.put(key, shard)
             outputs.append(self.stage.pairs_for_shard(shard, epoch))
-            cache.put(key, shard)
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
     def read(self, path: str) -> dict[str, np.ndarray]:
