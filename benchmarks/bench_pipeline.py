@@ -3,21 +3,23 @@
 Part 1 (overhead). The same model, batch size, torch threads, pairs per epoch
 and distorted copies, trained side by side in one run:
 
-* plain: one process, the training split decoded once into memory (not
+* plain: a fresh process (beside the same Ray processes, but without the
+  driver's Ray threads), the training split decoded once into memory (not
   timed), per epoch ``sample_pairs`` -> ``pair_batches`` -> ``train_step``
   (what ``siamese_core.fit`` does);
-* pipeline: ``workflows.data.training_pairs`` (Parquet shards -> PairStage
-  actor -> pairs) feeding one Ray Train ``TorchTrainer`` worker whose loop is
+* pipeline: ``workflows.data.training_pairs`` (shard paths -> pair-stage
+  tasks that read, decode and pair them) feeding one Ray Train ``TorchTrainer`` worker whose loop is
   the training half of ``workflows.train.train_loop_per_worker``
-  (``iter_epoch_chunks`` with the same chunk and shuffle buffer -> ``expand_copies`` ->
+  (``EpochStream`` with the same chunk and shuffle buffer -> ``expand_copies`` ->
   ``iter_steps`` -> ``train_step``); no validation or checkpoints.
 
 Only the training part of each epoch is timed on both sides. The plain loop
 runs before and after the pipeline (the mean is the reference), which cancels
 slow drift in a shared machine's speed. For the pipeline the benchmark also
-splits each epoch into time-to-first-batch (the Ray Data pipeline starting
-again: the pair-stage actor, the read tasks), time blocked waiting for later
-batches, and time in training steps.
+splits each epoch into time-to-first-batch (epoch 0: Ray Data starting, the
+first shards read and decoded; later epochs: whatever the pass started during
+the epoch before has not hidden), time blocked waiting for later batches, and
+time in training steps.
 
 Part 2 (``--memory``). Writes synthetic training shards (copies of the real
 alphabets under new names, one shard per alphabet, the shard schema and a
@@ -123,6 +125,21 @@ def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: st
     return out
 
 
+def plain_in_fresh_process(cfg: Any, arrays: Any, n_alphabets: int, epochs: int,
+                           label: str) -> list[dict[str, float]]:
+    """:func:`plain_epochs` in a new process beside the same Ray processes.
+
+    Why: ``trainer.fit()`` leaves Ray Data and Train threads in the driver process,
+    which slowed a plain loop run there afterwards by 10-20% (GIL), and so made the
+    reference look slower than it is.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(plain_epochs, cfg, arrays, n_alphabets, epochs, label).result()
+
+
 # --------------------------------------------------------------------------- pipeline loop
 
 def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -135,7 +152,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
     from workflows import config as job_config
-    from workflows.data import expand_copies, iter_epoch_chunks, iter_steps
+    from workflows.data import EpochStream, clock_setter, expand_copies, iter_steps
     from workflows.train import _distortion_seed
 
     cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
@@ -145,15 +162,17 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
+    stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
+                         announce=clock_setter(loop_config["epoch_clock"]),
+                         shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
+                         end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
         t0 = time.perf_counter()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))
         rows, first, wait, step = 0, None, 0.0, 0.0
-        ray.get(loop_config["epoch_clock"].set.remote(epoch))
-        batches = iter(iter_epoch_chunks(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
-                                         cfg.data.shuffle_buffer_pairs, cfg.training.seed + epoch))
+        batches = stream.epoch(epoch)
         while True:
             tw = time.perf_counter()
             batch = next(batches, None)
@@ -188,7 +207,8 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tu
     dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
                              clock=clock, negatives=cfg.training.negatives, num_cpus=cfg.data.pair_stage_cpus,
                              read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency,
-                             cache_mb=cfg.data.decoded_cache_mb)
+                             cache_mb=cfg.data.decoded_cache_mb,
+                             shards_per_task=cfg.data.shards_per_task)
     trainer = TorchTrainer(
         pipeline_loop_per_worker,
         train_loop_config={"recipe": "demo", "overrides": overrides, "epoch_clock": clock,
@@ -237,11 +257,11 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     print(f"  plain: decoded {len(arrays)} train images once in {decode_s:.1f}s (not timed)", flush=True)
 
     init_ray()  # first, so both loops run beside the same idle Ray processes
-    before = plain_epochs(cfg, arrays, n_alphabets, args.epochs, "before")
+    before = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "before")
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
         pipe, wall = pipeline_epochs(cfg, overrides, storage_dir)
-        after = plain_epochs(cfg, arrays, n_alphabets, args.epochs, "after")
+        after = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "after")
     finally:
         ray.shutdown()
         shutil.rmtree(storage_dir, ignore_errors=True)
@@ -285,7 +305,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     print(f"steady state (epochs {steady.start}..): plain {plain_steady:.0f}, pipeline {pipe_steady:.0f} pairs/s, "
           f"ratio {pipe_steady / plain_steady:.3f}")
     print(f"where the pipeline's time goes: first batch of epoch 0 {first[0]:.2f}s (Ray Data start + actor); "
-          f"first batch of later epochs {later_first:.2f}s each (pipeline re-executed per epoch); "
+          f"first batch of later epochs {later_first:.2f}s each (each pass starts during the epoch before); "
           f"later waits {statistics.mean(waits):.2f}s/epoch; steps {statistics.mean(steps):.2f}s/epoch")
     print(f"pipeline steady rate without the per-epoch restart: {no_restart:.0f} pairs/s "
           f"(ratio {no_restart / plain_steady:.3f}); inside train steps only: {pipe_step:.0f} pairs/s "
@@ -410,7 +430,8 @@ def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
     pair_cfg = dataclasses.replace(cfg.pairs, pairs_per_epoch=pairs)
     ds = training_pairs(uri, pair_cfg, cfg.model.input_size, cfg.training.seed,
                         num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
-                        concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb)
+                        concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb,
+                        shards_per_task=cfg.data.shards_per_task)
     poller = PeakPoller({"pair_stage": "ShardPairs", "read": "ReadParquet"})
     poller.start()
     t0 = time.perf_counter()

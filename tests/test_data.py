@@ -175,6 +175,90 @@ def test_rows_are_decoded_only_when_a_pair_needs_them(block, monkeypatch) -> Non
     assert len(out["same"]) == 20
 
 
+class _FakeShard:
+    """Stands in for a Train worker's dataset shard: 3 chunks per pass, every event recorded."""
+
+    def __init__(self, events: list, fail_at: int | None = None) -> None:
+        self.events, self.fail_at = events, fail_at
+
+    def iter_torch_batches(self, *, batch_size, drop_last, local_shuffle_buffer_size, local_shuffle_seed):
+        epoch = local_shuffle_seed - 100  # the stream passes seed + epoch
+        self.events.append(("pass", epoch))
+        for i in range(3):
+            if i == self.fail_at:
+                raise ValueError("shard unreadable")
+            yield {"epoch": epoch, "chunk": i}
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_epoch_stream_starts_the_next_pass_while_the_last_chunks_train() -> None:
+    events: list = []
+    stream = data.EpochStream(_FakeShard(events), chunk_pairs=64, batch_size=8,
+                              announce=lambda e: events.append(("announce", e)), seed=100, end_epoch=2,
+                              queue_chunks=1)
+    got = []
+    for chunk in stream.epoch(0):
+        got.append((chunk["epoch"], chunk["chunk"]))
+        if chunk["chunk"] == 2:  # the worker holds epoch 0's last chunk: epoch 1's pass is under way
+            assert _wait_for(lambda: ("pass", 1) in events), events
+    assert got == [(0, 0), (0, 1), (0, 2)]
+    assert [(c["epoch"], c["chunk"]) for c in stream.epoch(1)] == [(1, 0), (1, 1), (1, 2)]
+    # Each epoch announced before its pass; no pass beyond end_epoch.
+    assert [e for e in events if e[0] in ("announce", "pass")] == [
+        ("announce", 0), ("pass", 0), ("announce", 1), ("pass", 1)]
+    stream.close()
+
+
+def test_epoch_stream_runs_one_pass_ahead_at_most() -> None:
+    """A pass drained into its queue must not start the one after: memory would grow with epochs."""
+    import time
+
+    events: list = []
+    stream = data.EpochStream(_FakeShard(events), chunk_pairs=64, batch_size=8, seed=100)
+    assert [c["epoch"] for c in stream.epoch(0)] == [0, 0, 0]
+    assert _wait_for(lambda: ("pass", 1) in events)
+    time.sleep(0.5)  # epoch 1's pass is drained by now; nobody trains on it yet
+    assert ("pass", 2) not in events
+    chunks = stream.epoch(1)
+    assert next(chunks)["epoch"] == 1
+    assert _wait_for(lambda: ("pass", 2) in events)
+    stream.close()
+
+
+def test_epoch_stream_asked_for_another_epoch_starts_that_one() -> None:
+    """After a restart from a checkpoint the worker asks for its epoch, not the prepared one."""
+    events: list = []
+    stream = data.EpochStream(_FakeShard(events), chunk_pairs=64, batch_size=8,
+                              announce=lambda e: events.append(("announce", e)), seed=100)
+    assert [c["epoch"] for c in stream.epoch(0)] == [0, 0, 0]
+    assert [c["epoch"] for c in stream.epoch(5)] == [5, 5, 5]
+    assert ("announce", 5) in events
+    # Leaving an epoch part-way drops the rest of it: asking again starts it afresh.
+    part = stream.epoch(6)
+    assert next(part)["chunk"] == 0
+    part.close()
+    assert [c["chunk"] for c in stream.epoch(6)] == [0, 1, 2]
+    stream.close()
+
+
+def test_epoch_stream_hands_a_pass_error_to_the_worker() -> None:
+    stream = data.EpochStream(_FakeShard([], fail_at=1), chunk_pairs=64, batch_size=8, seed=100)
+    chunks = stream.epoch(0)
+    assert next(chunks)["chunk"] == 0
+    with pytest.raises(ValueError, match="shard unreadable"):
+        next(chunks)
+
+
 @pytest.mark.integration
 def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(small_shards: str) -> None:
     """Through Ray Data itself: each pass (epoch) draws new pairs; a block is one shard."""

@@ -39,6 +39,18 @@ class DataSection:
     """Pairs a Train worker takes from Ray Data at a time; it shuffles each chunk and cuts it
     into training batches itself (``data.iter_epoch_chunks``). A chunk spans several
     alphabets (each shard's pairs come in one block), so batches mix alphabets."""
+    shards_per_task: int = 8
+    """Shards one pair-stage task reads and pairs, one after the other. Each task and each
+    block costs scheduling and coordination CPU beside the training steps (one task per
+    shard made Ray Data's per-epoch pass cost more than the pairs); the stage still holds
+    one shard being decoded at a time, plus the task's pairs."""
+    prefetch_chunks: int = 8
+    """Chunks a Train worker pulls ahead of training (``data.EpochStream``). Draining an
+    epoch's pass quickly matters on small machines: while a pass is open, Ray Data's
+    executor and the iterator's threads slow the training steps beside them (steps ran at
+    0.76 of the plain loop's speed with 2 chunks ahead, 0.93 with a whole epoch). 8 chunks
+    hold the CPU demo's epoch (10,000 pairs); the memory is 8 x chunk_pairs x 2 images
+    (2.5 MB per 1,000 pairs at 35 px, 22 MB at 105 px)."""
     shuffle_buffer_pairs: int = 0
     """Ray Data's local shuffle buffer on each worker, in pairs, on top of the chunk shuffle
     (0: none). It mixes across more shards, at a cost per batch and a slower first batch."""
@@ -50,6 +62,8 @@ class DataSection:
         _require(self.read_cpus > 0, f"data.read_cpus must be > 0, got {self.read_cpus}")
         _require(self.shuffle_buffer_pairs >= 0, "data.shuffle_buffer_pairs must be >= 0")
         _require(self.chunk_pairs >= 1, f"data.chunk_pairs must be >= 1, got {self.chunk_pairs}")
+        _require(self.shards_per_task >= 1, f"data.shards_per_task must be >= 1, got {self.shards_per_task}")
+        _require(self.prefetch_chunks >= 1, f"data.prefetch_chunks must be >= 1, got {self.prefetch_chunks}")
         _require(self.decoded_cache_mb >= 0, f"data.decoded_cache_mb must be >= 0, got {self.decoded_cache_mb}")
 
 

@@ -16,6 +16,10 @@ shuffle. Pairs are a pure function of ``(seed, epoch, alphabet)``:
 The stage emits each pair once; the ``distorted_copies`` are expanded on the
 training device (:func:`expand_copies`), where the affine distortions run, so
 the stream carries no duplicated bytes.
+
+On the worker, :class:`EpochStream` pulls each epoch's pass ahead into a queue
+and starts the next pass before the worker asks for it (the announcing of the
+epoch to the clock moves with it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -172,6 +176,13 @@ class EpochClock:
         return self.epoch
 
 
+def clock_setter(clock: Any) -> Callable[[int], None]:
+    """``announce`` for :class:`EpochStream`: set the :class:`EpochClock` (waits until it is set)."""
+    import ray
+
+    return lambda epoch: ray.get(clock.set.remote(epoch))
+
+
 def start_epoch_clock() -> Any:
     """A new :class:`EpochClock` actor (no CPU; restarted if its process dies, and set again next epoch)."""
     import ray
@@ -270,7 +281,7 @@ class ShardPairs:
 def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
                    endpoint_url: str | None = None, clock: Any = None,
                    negatives: str = "same_alphabet", num_cpus: float = 0.5, read_cpus: float = 0.25,
-                   concurrency: int = 1, cache_mb: float = 0.0) -> Any:
+                   concurrency: int = 1, cache_mb: float = 0.0, shards_per_task: int = 1) -> Any:
     """The streaming pair dataset over the training split (lazy; runs when iterated).
 
     * The manifest's shard list is the dataset; each task reads one shard and
@@ -285,6 +296,10 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
     * ``cache_mb`` > 0 keeps up to that many MB of decoded shards per stage
       process (:class:`ShardCache`), so epochs after the first skip reading
       and decoding.
+    * ``shards_per_task`` shards go to one task (read and paired one after the
+      other, their pairs emitted as one block): every task and every block costs
+      Ray's scheduler, the split coordinator and a worker process CPU beside the
+      training steps, while the pairs themselves take milliseconds per shard.
     """
     import ray.data
 
@@ -295,9 +310,10 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
     loc, paths = shards.split_files(uri, "train", endpoint_url)
     stage = PairStage(pair_cfg=pair_cfg, image_size=image_size, seed=seed, n_alphabets=n_alphabets,
                       negatives=negatives, clock=clock)
-    listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    per_task = max(1, int(shards_per_task))
+    listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // per_task))
     pairs = ShardPairs(loc.fs, stage, cache_bytes=int(cache_mb * 2**20), dataset_key=manifest.content_checksum)
-    return listing.map_batches(pairs, batch_size=1, batch_format="numpy",
+    return listing.map_batches(pairs, batch_size=per_task, batch_format="numpy",
                                num_cpus=num_cpus + read_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
 
 
@@ -327,6 +343,136 @@ def iter_epoch_chunks(shard: Any, chunk_pairs: int, batch_size: int, shuffle_buf
     return shard.iter_torch_batches(batch_size=max(chunk_pairs, batch_size), drop_last=False,
                                     local_shuffle_buffer_size=shuffle_buffer or None,
                                     local_shuffle_seed=shuffle_seed)
+
+
+class EpochStream:
+    """A Train worker's pairs, epoch after epoch, each pass started before the worker asks for it.
+
+    Why, twice over:
+
+    * Ray Data executes the pipeline again for every epoch, and starting a pass
+      (the split coordinator's barrier, a new executor, the first shard's pairs)
+      takes about a second, which a worker would otherwise sit out after its last
+      chunk, on top of validation and the checkpoint;
+    * while a pass is open, Ray Data's executor and the iterator's threads take
+      CPU (and the GIL) from the training steps beside them; pulling the pass
+      quickly into a queue (``data.prefetch_chunks``) closes it early.
+
+    A background thread pulls an epoch's chunks (:func:`iter_epoch_chunks`) into a
+    queue of ``queue_chunks``; once that pass is exhausted (every task of it has
+    finished) and the worker trains on it, the thread announces the next epoch
+    (``announce``: :func:`clock_setter`) and starts that pass, so at most two
+    epochs' queues are held. Asking for another epoch than the one prepared (a restart)
+    drops the prepared pass and starts the asked one.
+    """
+
+    def __init__(self, shard: Any, chunk_pairs: int, batch_size: int, *,
+                 announce: Callable[[int], None] | None = None, shuffle_buffer: int = 0, seed: int = 0,
+                 end_epoch: int | None = None, queue_chunks: int = 8) -> None:
+        self.shard, self.announce = shard, announce
+        self.chunk_pairs, self.batch_size = chunk_pairs, batch_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.end_epoch = end_epoch
+        self.queue_chunks = queue_chunks
+        self._pass: _Pass | None = None
+
+    def epoch(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """This epoch's chunks; the prepared pass if it is this epoch's, else a new one."""
+        current, self._pass = self._pass, None
+        if current is None or current.epoch != epoch:
+            if current is not None:
+                current.abandon()
+            current = self._start(epoch)
+        finished = False
+        try:
+            yield from current.items()
+            finished = True
+        finally:
+            if finished:
+                self._pass = current.successor
+            else:  # left part-way (an error, a break): its remaining chunks are of no use
+                current.abandon()
+
+    def close(self) -> None:
+        """Stop the prepared pass, if any (the worker is done)."""
+        if self._pass is not None:
+            self._pass.abandon()
+            self._pass = None
+
+    def _start(self, epoch: int) -> "_Pass":
+        last = self.end_epoch is not None and epoch + 1 >= self.end_epoch
+        return _Pass(epoch, self.queue_chunks, lambda: self._chunks(epoch), None if last else self._start)
+
+    def _chunks(self, epoch: int) -> Iterator[dict[str, Any]]:
+        if self.announce is not None:
+            self.announce(epoch)  # before iterating: the pair stage draws this epoch's pairs
+        return iter(iter_epoch_chunks(self.shard, self.chunk_pairs, self.batch_size, self.shuffle_buffer,
+                                      self.seed + epoch))
+
+
+_END = object()
+
+
+class _Pass:
+    """One epoch's pass over the dataset shard, pulled by a daemon thread into a bounded queue."""
+
+    def __init__(self, epoch: int, queue_chunks: int, chunks: Any, follow: Any) -> None:
+        import queue
+        import threading
+
+        self.epoch = epoch
+        self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, queue_chunks))
+        self.stopped = threading.Event()
+        self.consumed = threading.Event()  # the worker has begun this pass
+        self.successor: _Pass | None = None
+        self._follow = follow
+        self._thread = threading.Thread(target=self._run, args=(chunks,), name=f"pairs-epoch-{epoch}", daemon=True)
+        self._thread.start()
+
+    def _run(self, chunks: Any) -> None:
+        try:
+            for chunk in chunks():
+                if not self._put(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+            return
+        # One pass ahead at most: the next starts once this one is exhausted (all its tasks have
+        # finished) and the worker is training on it.
+        while not self.consumed.wait(0.2):
+            if self.stopped.is_set():
+                return
+        if self._follow is not None and not self.stopped.is_set():
+            self.successor = self._follow(self.epoch + 1)
+            if self.stopped.is_set():  # abandoned meanwhile
+                self.successor.abandon()
+        self._put(_END)
+
+    def _put(self, item: Any) -> bool:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def items(self) -> Iterator[Any]:
+        self.consumed.set()
+        while True:
+            item = self.queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def abandon(self) -> None:
+        self.stopped.set()
+        if self.successor is not None:
+            self.successor.abandon()
 
 
 def iter_steps(left: Any, right: Any, same: Any, mask: Any, batch_size: int,

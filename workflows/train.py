@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from siamese_core.fit import EarlyStopping, new_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
-    from workflows.data import expand_copies, iter_epoch_chunks, iter_steps
+    from workflows.data import EpochStream, clock_setter, expand_copies, iter_steps
 
     cfg: JobConfig = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
     ctx = ray.train.get_context()
@@ -149,7 +149,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     worker_nodes = _nodes_in_use()
     validation = Validation.load(cfg, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    clock = loop_config.get("epoch_clock")
+    # Pulls each epoch's pairs ahead and starts the next epoch's pass while this one trains.
+    stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
+                         announce=clock_setter(loop_config["epoch_clock"]),
+                         shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
+                         end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
     started = time.perf_counter()
     epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.training.epochs):
@@ -157,10 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, rank))
         loss_sum, steps, pairs_seen, pairs_epoch = 0.0, 0, 0, -1
-        if clock is not None:
-            ray.get(clock.set.remote(epoch))  # before iterating: the pair stage draws this epoch's pairs
-        for batch in iter_epoch_chunks(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
-                                       cfg.data.shuffle_buffer_pairs, cfg.training.seed + epoch):
+        for batch in stream.epoch(epoch):
             pairs_epoch = int(batch["epoch"][0]) if pairs_epoch < 0 and len(batch["epoch"]) else pairs_epoch
             expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
             for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
@@ -207,6 +208,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         if metrics["stop"]:
             break
+    stream.close()  # the next epoch's pass may have started already
 
 
 # --------------------------------------------------------------------------- driver side
@@ -257,12 +259,18 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
 
     from workflows.data import start_epoch_clock, training_pairs
 
+    import ray.data
+
+    # Progress is the per-epoch line (and Tune's table). Ray Data's bars, redrawn for every
+    # epoch's two-second pass, would bury it and cost the driver CPU beside the workers.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     clock = start_epoch_clock()
     loop_config = {**loop_config, "epoch_clock": clock}
     dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
                              cfg.data.endpoint_url, clock=clock, negatives=cfg.training.negatives,
                              num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
-                             concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb)
+                             concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb,
+                             shards_per_task=cfg.data.shards_per_task)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker

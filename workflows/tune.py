@@ -67,10 +67,6 @@ def run_trial(params: dict[str, Any], plan: SearchPlan) -> None:
     from workflows import storage, tracking
     from workflows.train import build_trainer
 
-    import ray.data
-
-    # Tune's status table reports every trial; per-trial data progress bars would bury it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = plan.trial_overrides(params, trial_id)
     cfg = job_config.build(plan.recipe, overrides=overrides)
