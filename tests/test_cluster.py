@@ -37,6 +37,8 @@ STACK = PROJECT_ROOT / "infra" / "local_stack.sh"
 EXPERIMENT = "cluster-test"
 BUCKET = "cluster-test"
 RUN_TIMEOUT_S = 420
+SPREAD_EPOCHS = 4
+"""Epochs of the two-node run: the worker is killed after epoch 1, so two epochs remain to resume."""
 
 
 @dataclass
@@ -264,11 +266,14 @@ def spread_run(stack: Stack) -> dict:
     log = stack.tmp / "spread.log"
     started = time.monotonic()
     proc = start_job(stack, train_command("spread", "--set", "cluster.placement_strategy=STRICT_SPREAD",
-                                          epochs=3, pairs=1024), log)
+                                          epochs=SPREAD_EPOCHS, pairs=1024), log)
     try:
-        wait_for_epoch(stack, "spread", 1, proc, log)
+        # Look the workers up first (a Ray state query takes seconds, and an epoch here ~4 s):
+        # the kill must land right after epoch 1's checkpoint, not after the last epoch.
+        wait_for_epoch(stack, "spread", 0, proc, log)
         workers = train_workers(stack)
         pid, _ = workers[-1]
+        wait_for_epoch(stack, "spread", 1, proc, log)
         os.kill(pid, signal.SIGKILL)  # a worker process dies mid-epoch
         killed_at = time.time()
         rc = proc.wait(timeout=RUN_TIMEOUT_S)
@@ -300,7 +305,7 @@ def test_killed_worker_restores_from_last_checkpoint(stack: Stack, spread_run: d
     assert spread_run["rc"] == 0, spread_run["output"][-8000:]
     [run] = run_named(stack, "spread")
     points = history(stack, run.info.run_id)
-    assert sorted({m.step for m in points}) == [0, 1, 2]  # complete history, one MLflow run
+    assert sorted({m.step for m in points}) == list(range(SPREAD_EPOCHS))  # complete history, one MLflow run
     killed_at = spread_run["killed_at"]
     before = [m.step for m in points if m.timestamp < killed_at * 1000]
     assert before and all([m.step for m in points].count(s) == 1 for s in before)  # checkpointed epochs not redone
