@@ -152,7 +152,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
     from workflows import config as job_config
-    from workflows.data import EpochStream, clock_setter, expand_copies, iter_steps
+    from workflows.data import expand_copies, iter_steps, worker_stream
     from workflows.train import _distortion_seed
 
     cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
@@ -162,10 +162,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
-    stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
-                         announce=clock_setter(loop_config["epoch_clock"]),
-                         shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
-                         end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
+    stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
         t0 = time.perf_counter()

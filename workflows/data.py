@@ -354,9 +354,9 @@ class EpochStream:
       (the split coordinator's barrier, a new executor, the first shard's pairs)
       takes about a second, which a worker would otherwise sit out after its last
       chunk, on top of validation and the checkpoint;
-    * while a pass is open, Ray Data's executor and the iterator's threads take
-      CPU (and the GIL) from the training steps beside them; pulling the pass
-      quickly into a queue (``data.prefetch_chunks``) closes it early.
+    * while a pass is open, Ray Data's executor and the stage's tasks take CPU
+      from the training steps beside them; pulling the pass quickly into a queue
+      (``data.prefetch_chunks``) closes it early.
 
     A background thread pulls an epoch's chunks (:func:`iter_epoch_chunks`) into a
     queue of ``queue_chunks``; once that pass is exhausted (every task of it has
@@ -408,6 +408,13 @@ class EpochStream:
             self.announce(epoch)  # before iterating: the pair stage draws this epoch's pairs
         return iter(iter_epoch_chunks(self.shard, self.chunk_pairs, self.batch_size, self.shuffle_buffer,
                                       self.seed + epoch))
+
+
+def worker_stream(shard: Any, cfg: Any, clock: Any) -> EpochStream:
+    """The :class:`EpochStream` a Train worker reads, from the job's configuration (``JobConfig``)."""
+    return EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size, announce=clock_setter(clock),
+                       shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
+                       end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
 
 
 _END = object()

@@ -113,7 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from siamese_core.fit import EarlyStopping, new_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
-    from workflows.data import EpochStream, clock_setter, expand_copies, iter_steps
+    from workflows.data import expand_copies, iter_steps, worker_stream
 
     cfg: JobConfig = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
     ctx = ray.train.get_context()
@@ -150,10 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     validation = Validation.load(cfg, device) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     # Pulls each epoch's pairs ahead and starts the next epoch's pass while this one trains.
-    stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
-                         announce=clock_setter(loop_config["epoch_clock"]),
-                         shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
-                         end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
+    stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
     started = time.perf_counter()
     epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.training.epochs):
