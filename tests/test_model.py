@@ -74,15 +74,17 @@ def test_forward_equals_embed_then_head_and_is_symmetric(small: SiameseNet) -> N
 
 def test_pairwise_logits_matches_pair_by_pair(small: SiameseNet) -> None:
     s = small.config.input_size
-    q, sup = torch.rand(3, 1, s, s), torch.rand(5, 1, s, s)
+    g = torch.Generator().manual_seed(0)
+    q, sup = torch.rand(3, 1, s, s, generator=g), torch.rand(5, 1, s, s, generator=g)
     hq, hs = small.embed(q), small.embed(sup)
     grid = small.pairwise_logits(hq, hs)
     assert grid.shape == (3, 5)
     for i in range(3):
         for j in range(5):
             assert torch.allclose(grid[i, j], small.head_logits(hq[i:i + 1], hs[j:j + 1])[0], atol=1e-5)
-    # chunking must not change the answer
-    assert torch.allclose(small.pairwise_logits(hq, hs, max_elements=1), grid)
+    # chunking must not change the answer (beyond float32 summation order: the
+    # chunked rows reduce in another order, so near-zero logits need an atol)
+    assert torch.allclose(small.pairwise_logits(hq, hs, max_elements=1), grid, atol=1e-6)
 
 
 def test_paper_init_statistics(koch: SiameseNet) -> None:
