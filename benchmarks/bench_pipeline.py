@@ -116,7 +116,8 @@ def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: st
         rows = 0
         for left, right, same, mask in pair_batches(pairs, images, cfg.training.batch_size,
                                                     cfg.training.seed, epoch, drop_last=True):
-            train_step(model, optimizer, left, right, same, mask, distort_cfg, generator)
+            train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
+                       in_batch_negatives=cfg.training.in_batch_negatives)
             rows += left.shape[0]
         seconds = time.perf_counter() - t0
         out.append({"epoch": epoch, "train_seconds": seconds, "rows": rows})
@@ -183,7 +184,8 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ts = time.perf_counter()
             expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
             for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
-                train_step(model, optimizer, left, right, same, mask, distort_cfg, generator)
+                train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
+                           in_batch_negatives=cfg.training.in_batch_negatives)
                 rows += left.shape[0]
             step += time.perf_counter() - ts
         seconds = time.perf_counter() - t0

@@ -100,7 +100,8 @@ def main() -> None:
     result = fit(recipe.model, recipe.optim, recipe.distort, recipe.pairs, train, val,
                  epochs=tr.epochs, patience=tr.patience, batch_size=tr.batch_size, seed=tr.seed,
                  device=args.device, log=lambda m: print(m, flush=True), time_budget_s=tr.time_budget_s,
-                 negatives=tr.negatives, fan_in_scaled=tr.fan_in_scaled)
+                 negatives=tr.negatives, fan_in_scaled=tr.fan_in_scaled,
+                 in_batch_negatives=tr.in_batch_negatives)
     model = result.model
     t1 = time.perf_counter()
     wide = evaluate_oneshot(model, val, oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED))

@@ -244,7 +244,8 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
         device: torch.device | str = "cpu", log: Callable[[str], None] | None = print,
         time_budget_s: float | None = None, *, negatives: Negatives = "same_alphabet",
         fan_in_scaled: bool = True, val_pairs: int = VALIDATION_PAIRS,
-        val_oneshot: OneShotConfig = VALIDATION_ONESHOT, model: SiameseNet | None = None) -> FitResult:
+        val_oneshot: OneShotConfig = VALIDATION_ONESHOT, model: SiameseNet | None = None,
+        in_batch_negatives: float = 0.0) -> FitResult:
     """Train one model on ``train_arrays``; early-stop and select on validation one-shot accuracy.
 
     Per epoch ``e`` (0-based): the paper's schedule (``apply_epoch_schedule``),
@@ -255,7 +256,8 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
     fixed trials (``val_oneshot``, Koch's 320 by default). Stops after
     ``epochs``, after ``patience`` epochs without a better one-shot accuracy,
     or before an epoch that would overrun ``time_budget_s`` (at least one
-    epoch always runs). Returns the best epoch's weights.
+    epoch always runs). ``in_batch_negatives`` weighs the extra in-batch loss term
+    (``train_step``). Returns the best epoch's weights.
 
     Images must already be ``model_cfg.input_size`` square (``load_split(size=...)``).
     """
@@ -301,7 +303,8 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
         loss_sum, n_seen = 0.0, 0
         for left, right, same, mask in pair_batches(pairs, train_images, batch_size, seed, epoch):
             loss = train_step(model, optimizer, left, right, same, mask,
-                              distort_cfg if use_distortions else None, generator)
+                              distort_cfg if use_distortions else None, generator,
+                              in_batch_negatives=in_batch_negatives)
             loss_sum += loss * left.shape[0]
             n_seen += left.shape[0]
         train_seconds = time.perf_counter() - t0

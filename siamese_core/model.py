@@ -70,11 +70,22 @@ class SiameseNet(nn.Module):
         """Logits ``(B,)`` of "same class" from the component-wise L1 distance."""
         return self.head(torch.abs(h1 - h2)).squeeze(-1)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid logits ``(B,)``; both images go through one batched twin pass."""
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor,
+                pairings: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pre-sigmoid logits ``(B,)``; both images go through one batched twin pass.
+
+        With ``pairings`` (index tensors ``(i, j)`` into the ``2B`` images, ``x1``
+        then ``x2``), also returns the logits of those extra pairings, scored on
+        the same embeddings: the in-batch negatives of ``train_step``. They are
+        computed here, in ``forward``, so DistributedDataParallel sees them.
+        """
         h = self.embed(torch.cat([x1, x2], dim=0))
         h1, h2 = h.split([x1.shape[0], x2.shape[0]], dim=0)
-        return self.head_logits(h1, h2)
+        logits = self.head_logits(h1, h2)
+        if pairings is None:
+            return logits
+        return logits, self.head_logits(h[pairings[0]], h[pairings[1]])
 
     def similarity(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The paper's ``p`` in (0, 1): probability that the two images share a class."""

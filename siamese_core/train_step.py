@@ -35,30 +35,80 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+_FINGERPRINT_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _image_fingerprints(images: torch.Tensor) -> torch.Tensor:
+    """An int64 key per image ``(N,)``, equal for identical images (exact integer arithmetic).
+
+    Random weights in ``[1, 2^20)`` times pixel values 0..255 summed over at most
+    ~10^6 pixels cannot overflow int64; distinct images collide with negligible odds.
+    """
+    flat = images.reshape(images.shape[0], -1)
+    if flat.is_floating_point():
+        flat = (flat * 255.0).round()
+    key = (flat.shape[1], str(flat.device))
+    if key not in _FINGERPRINT_WEIGHTS:
+        weights = torch.randint(1, 1 << 20, (flat.shape[1],), generator=torch.Generator().manual_seed(0x1DE5))
+        _FINGERPRINT_WEIGHTS[key] = weights.to(flat.device)
+    return (flat.to(torch.int64) * _FINGERPRINT_WEIGHTS[key]).sum(dim=1)
+
+
+def in_batch_negative_pairings(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)``, ``i < j``, into the batch's ``2B`` images (``left`` then ``right``)
+    that can be trained as "different" pairs.
+
+    Why: one batched twin pass embeds ``2B`` images, but the paper's loss uses only
+    ``B`` of their ``B(2B-1)`` pairings; the head is cheap, so scoring the others
+    as negatives adds training signal at little cost. Excluded: pairings within
+    one pair or between two rows holding the same pair (a pair and its distorted
+    copies, whose undistorted images are identical), and identical images.
+    Pass the *undistorted* images. Two different images of one character in two
+    different pairs remain labelled "different" (about 1 pairing in 1,000 on Omniglot's training alphabets).
+    """
+    b = left.shape[0]
+    image_key = torch.cat([_image_fingerprints(left), _image_fingerprints(right)])
+    pair_key = image_key[:b] * 1_000_003 + image_key[b:]  # may wrap around; still equal for equal pairs
+    i, j = torch.triu_indices(2 * b, 2 * b, offset=1, device=image_key.device)
+    pair_of_i, pair_of_j = i % b, j % b
+    keep = (pair_key[pair_of_i] != pair_key[pair_of_j]) & (image_key[i] != image_key[j])
+    return i[keep], j[keep]
+
+
 def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.Tensor,
                right: torch.Tensor, same: torch.Tensor, distort_mask: torch.Tensor | None = None,
                distort_cfg: DistortionConfig | None = None, generator: torch.Generator | None = None,
-               autocast_dtype: torch.dtype | None = None) -> float:
-    """One SGD step on a batch of pairs; returns the mean BCE loss (before the step).
+               autocast_dtype: torch.dtype | None = None, in_batch_negatives: float = 0.0) -> float:
+    """One SGD step on a batch of pairs; returns the mean BCE loss of the pairs (before the step).
 
     ``same`` is 1.0 for same-class pairs, 0.0 otherwise. When ``distort_cfg`` is
     given, rows where ``distort_mask`` is True (all rows when it is None) get
     an independent random affine transform for the left and for the right image.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under
-    autocast; the loss is always computed in float32.
+    autocast; the loss is always computed in float32. ``in_batch_negatives > 0``
+    adds that weight times the mean BCE of the batch's other pairings
+    (:func:`in_batch_negative_pairings`) labelled "different"; 0 is the paper's loss.
     """
+    if in_batch_negatives < 0:
+        raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
     device = next(model.parameters()).device
     model.train()
     left, right = to_model_input(left, device), to_model_input(right, device)
     target = same.to(device, non_blocking=True).float().view(-1)
+    pairings = in_batch_negative_pairings(left, right) if in_batch_negatives > 0 else None
     if distort_cfg is not None:
         left = distort(left, distort_cfg, generator, mask=distort_mask)
         right = distort(right, distort_cfg, generator, mask=distort_mask)
     with _autocast(device, autocast_dtype):
-        logits = model(left, right)
+        out = model(left, right, pairings) if pairings is not None else model(left, right)
+    logits, others = out if pairings is not None else (out, None)
     loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+    total = loss
+    if others is not None and others.numel():
+        total = loss + in_batch_negatives * F.binary_cross_entropy_with_logits(
+            others.float(), torch.zeros_like(others, dtype=torch.float32))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total.backward()
     optimizer.step()
     return float(loss.detach())
 

@@ -41,6 +41,7 @@ def test_set_overrides_are_typed() -> None:
     ({"model.batch_norm": "maybe"}, "model.batch_norm"),
     ({"data.decoded_cache_mb": "-1"}, "data.decoded_cache_mb must be >= 0"),
     ({"data.chunk_pairs": "0"}, "data.chunk_pairs must be >= 1"),
+    ({"training.in_batch_negatives": "-0.5"}, "training.in_batch_negatives must be >= 0"),
 ])
 def test_bad_values_fail_with_what_to_fix(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

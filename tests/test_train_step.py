@@ -8,7 +8,8 @@ import torch
 from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
 from siamese_core.model import build_model
 from siamese_core.optim import build_optimizer
-from siamese_core.train_step import predict_logits, to_model_input, train_step, verification_accuracy
+from siamese_core.train_step import (in_batch_negative_pairings, predict_logits, to_model_input, train_step,
+                                     verification_accuracy)
 
 TINY = ModelConfig(preset="tiny", input_size=28, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2), embedding_dim=32)
 
@@ -105,3 +106,58 @@ def test_uint8_inputs_are_scaled() -> None:
     out = to_model_input(x, torch.device("cpu"))
     assert out.shape == (1, 1, 2, 2) and out.dtype == torch.float32
     assert out.max().item() == 1.0 and out.min().item() == 0.0
+
+
+def _distinct_images(n: int, size: int = 6) -> torch.Tensor:
+    """``n`` different uint8 images (image k has pixel k set)."""
+    x = torch.zeros(n, size, size, dtype=torch.uint8)
+    x.view(n, -1)[torch.arange(n), torch.arange(n)] = 255
+    return x
+
+
+def test_in_batch_pairings_skip_own_pair_copies_and_identical_images() -> None:
+    img = _distinct_images(7)
+    # rows: pairs (0,1), (2,3), (0,1) again (a distorted copy of row 0), (4,5), (6,2)
+    left = img[[0, 2, 0, 4, 6]]
+    right = img[[1, 3, 1, 5, 2]]
+    b = left.shape[0]
+    ids = torch.cat([torch.tensor([0, 2, 0, 4, 6]), torch.tensor([1, 3, 1, 5, 2])])  # image id per position
+    group = torch.tensor([0, 1, 0, 3, 4])  # rows 0 and 2 hold the same pair
+    expected = {(i, j) for i in range(2 * b) for j in range(i + 1, 2 * b)
+                if group[i % b] != group[j % b] and ids[i] != ids[j]}
+    i, j = in_batch_negative_pairings(left, right)
+    got = set(zip(i.tolist(), j.tolist()))
+    assert got == expected
+    assert (1, 9) not in got  # image 2 appears in rows 1 and 4: never "different" from itself
+    # the same pairings from the model's float input
+    fi, fj = in_batch_negative_pairings(to_model_input(left, torch.device("cpu")),
+                                        to_model_input(right, torch.device("cpu")))
+    assert set(zip(fi.tolist(), fj.tolist())) == expected
+
+
+def test_forward_scores_extra_pairings_like_the_head() -> None:
+    model = build_model(TINY, seed=0)
+    left, right, _ = separable_pairs(6, TINY.input_size, seed=9)
+    i, j = in_batch_negative_pairings(left, right)
+    logits, others = model(left, right, (i, j))
+    h = model.embed(torch.cat([left, right]))
+    assert torch.allclose(logits, model(left, right), atol=1e-6)
+    assert torch.allclose(others, model.head_logits(h[i], h[j]), atol=1e-6)
+
+
+def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> None:
+    left, right, same = separable_pairs(16, TINY.input_size, seed=10)
+    after = {}
+    for weight in (None, 0.0, 0.5):
+        model = build_model(TINY, seed=0)
+        opt = build_optimizer(model, OptimizerConfig(lr=0.05))
+        with torch.no_grad():
+            pair_loss = torch.nn.functional.binary_cross_entropy_with_logits(model(left, right), same).item()
+        kwargs = {} if weight is None else {"in_batch_negatives": weight}
+        returned = train_step(model, opt, left, right, same, **kwargs)
+        assert returned == pytest.approx(pair_loss, rel=1e-5)  # the pairs' loss, whatever the weight
+        after[weight] = model.head.weight.detach().clone()
+    assert torch.equal(after[None], after[0.0])
+    assert not torch.allclose(after[0.0], after[0.5])
+    with pytest.raises(ValueError, match="in_batch_negatives"):
+        train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=-1.0)

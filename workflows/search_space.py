@@ -42,6 +42,8 @@ DEFAULT_SPACE: dict[str, Any] = {
     "distort.translate_px": {"uniform": [0.0, 3.0]},
     "distort.probability": {"uniform": [0.2, 0.8]},
     "pairs.distorted_copies": {"int": [0, 2]},
+    # Weight of the batch's other pairings trained as "different" (0: the paper's loss).
+    "training.in_batch_negatives": {"uniform": [0.0, 2.0]},
 }
 
 

@@ -163,7 +163,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
             for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
                 loss_sum += train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
-                                       autocast_dtype=autocast)
+                                       autocast_dtype=autocast,
+                                       in_batch_negatives=cfg.training.in_batch_negatives)
                 steps += 1
                 pairs_seen += left.shape[0]
         train_seconds = time.perf_counter() - t0
