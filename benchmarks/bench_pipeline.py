@@ -84,6 +84,8 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["data.shuffle_buffer_pairs"] = args.shuffle_buffer
     if args.cache_mb is not None:
         overrides["data.decoded_cache_mb"] = args.cache_mb
+    if args.in_batch_negatives is not None:
+        overrides["training.in_batch_negatives"] = args.in_batch_negatives
     return overrides
 
 
@@ -506,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override data.shuffle_buffer_pairs (default: the config's value; 0: none)")
     parser.add_argument("--cache-mb", type=float, default=None,
                         help="data.decoded_cache_mb for the pipeline (default: the config's; 0 decodes every epoch)")
+    parser.add_argument("--in-batch-negatives", type=float, default=None,
+                        help="training.in_batch_negatives for both loops (default: the demo recipe's)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
