@@ -64,8 +64,8 @@ def in_batch_negative_pairings(left: torch.Tensor, right: torch.Tensor) -> tuple
     one pair or between two rows holding the same pair (a pair and its distorted
     copies, whose undistorted images are identical), and identical images.
     Pass the *undistorted* images. Two different images of one character in two
-    different pairs remain labelled "different": 0.12% of the pairings in the demo
-    recipe's batches on Omniglot's training alphabets (measured over 3 epochs' pairs).
+    different pairs remain labelled "different" (rare: a character recurs in a
+    batch only by chance, among the ~960 of Omniglot's training alphabets).
     """
     b = left.shape[0]
     image_key = torch.cat([_image_fingerprints(left), _image_fingerprints(right)])
@@ -101,8 +101,10 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
         left = distort(left, distort_cfg, generator, mask=distort_mask)
         right = distort(right, distort_cfg, generator, mask=distort_mask)
     with _autocast(device, autocast_dtype):
-        out = model(left, right, pairings) if pairings is not None else model(left, right)
-    logits, others = out if pairings is not None else (out, None)
+        if pairings is None:
+            logits, others = model(left, right), None
+        else:
+            logits, others = model(left, right, pairings)
     loss = F.binary_cross_entropy_with_logits(logits.float(), target)
     total = loss
     if others is not None and others.numel():
