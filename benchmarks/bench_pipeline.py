@@ -21,6 +21,13 @@ first shards read and decoded; later epochs: whatever the pass started during
 the epoch before has not hidden), time blocked waiting for later batches, and
 time in training steps.
 
+``--interleave`` instead alternates the two inside the one Train worker, on one
+model: a plain epoch (the loop above, over the split decoded in the worker), then
+a pipeline epoch whose pass starts only then (no look-ahead, so the pair stage
+does not run during the plain epoch; its start-up wait is counted, and also shown
+apart). Epochs seconds apart share the machine's speed, which drifts by 10-20%
+between runs minutes apart; the cost of Ray Train's own processes is on both sides.
+
 Part 2 (``--memory``). Writes synthetic training shards (copies of the real
 alphabets under new names, one shard per alphabet, the shard schema and a
 valid manifest) at 1x and ``--scale``x the training split's 19,280 images under
@@ -31,6 +38,7 @@ and the object store's peak use.
 
     .venv/bin/python benchmarks/bench_pipeline.py                  # overhead, cpu-small
     .venv/bin/python benchmarks/bench_pipeline.py --memory         # + memory 1x vs 10x
+    .venv/bin/python benchmarks/bench_pipeline.py --interleave     # plain/pipeline epochs alternating
     .venv/bin/python benchmarks/bench_pipeline.py --memory --no-overhead --cache-mb 64
 
 The pair stage keeps decoded shards between epochs up to ``data.decoded_cache_mb``
@@ -91,38 +99,55 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- plain loop
 
+def plain_setup(cfg: Any, arrays: Any, n_alphabets: int) -> dict[str, Any]:
+    """What the plain loop builds once: images as a tensor and the pair settings matched to the pipeline's."""
+    import torch
+
+    # The pipeline's pair stage draws round(pairs / alphabets) pairs per alphabet: match the total.
+    per_alphabet = max(2, round(cfg.pairs.pairs_per_epoch / n_alphabets))
+    return {"images": torch.from_numpy(np.ascontiguousarray(arrays.images)), "arrays": arrays,
+            "pair_cfg": dataclasses.replace(cfg.pairs, pairs_per_epoch=per_alphabet * n_alphabets),
+            "distort_cfg": cfg.distort if cfg.pairs.distorted_copies > 0 else None}
+
+
+def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epoch: int) -> dict[str, float]:
+    """One epoch of the plain loop (what ``siamese_core.fit`` does), timed whole: pairs drawn,
+    batches cut from the in-memory images, training steps."""
+    from siamese_core.fit import epoch_generator, pair_batches
+    from siamese_core.optim import apply_epoch_schedule
+    from siamese_core.pairs import sample_pairs
+    from siamese_core.train_step import train_step
+
+    arrays = setup["arrays"]
+    t0 = time.perf_counter()
+    apply_epoch_schedule(optimizer, cfg.optim, epoch)
+    pairs = sample_pairs(arrays.alphabet, arrays.character, setup["pair_cfg"], cfg.training.seed, epoch,
+                         drawer=arrays.drawer, negatives=cfg.training.negatives)
+    generator = epoch_generator(cfg.training.seed, epoch)
+    rows = 0
+    for left, right, same, mask in pair_batches(pairs, setup["images"], cfg.training.batch_size,
+                                                cfg.training.seed, epoch, drop_last=True):
+        train_step(model, optimizer, left, right, same, mask, setup["distort_cfg"], generator,
+                   in_batch_negatives=cfg.training.in_batch_negatives)
+        rows += left.shape[0]
+    return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": rows}
+
+
 def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
     """The plain single-process loop; per epoch: training seconds and rows (pairs incl. copies)."""
     import torch
 
-    from siamese_core.fit import epoch_generator, new_model, pair_batches
-    from siamese_core.optim import apply_epoch_schedule, build_optimizer
-    from siamese_core.pairs import sample_pairs
-    from siamese_core.train_step import train_step
+    from siamese_core.fit import new_model
+    from siamese_core.optim import build_optimizer
 
     torch.set_num_threads(cfg.training.threads)
     model = new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled)
     optimizer = build_optimizer(model, cfg.optim)
-    images = torch.from_numpy(np.ascontiguousarray(arrays.images))
-    # The pipeline's pair stage draws round(pairs / alphabets) pairs per alphabet: match the total.
-    per_alphabet = max(2, round(cfg.pairs.pairs_per_epoch / n_alphabets))
-    pair_cfg = dataclasses.replace(cfg.pairs, pairs_per_epoch=per_alphabet * n_alphabets)
-    distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+    setup = plain_setup(cfg, arrays, n_alphabets)
     out = []
     for epoch in range(epochs):
-        t0 = time.perf_counter()
-        apply_epoch_schedule(optimizer, cfg.optim, epoch)
-        pairs = sample_pairs(arrays.alphabet, arrays.character, pair_cfg, cfg.training.seed, epoch,
-                             drawer=arrays.drawer, negatives=cfg.training.negatives)
-        generator = epoch_generator(cfg.training.seed, epoch)
-        rows = 0
-        for left, right, same, mask in pair_batches(pairs, images, cfg.training.batch_size,
-                                                    cfg.training.seed, epoch, drop_last=True):
-            train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
-                       in_batch_negatives=cfg.training.in_batch_negatives)
-            rows += left.shape[0]
-        seconds = time.perf_counter() - t0
-        out.append({"epoch": epoch, "train_seconds": seconds, "rows": rows})
+        out.append(plain_epoch(cfg, setup, model, optimizer, epoch))
+        rows, seconds = out[-1]["rows"], out[-1]["train_seconds"]
         print(f"  plain[{label}] epoch {epoch}: {rows} pairs in {seconds:.2f}s = {rows / seconds:.0f} pairs/s",
               flush=True)
     return out
@@ -165,9 +190,26 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
-    stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
+    interleave = loop_config.get("interleave")
+    if interleave:
+        from workflows.data import EpochStream, clock_setter
+        from workflows.evaluate import load_split_arrays
+
+        setup = plain_setup(cfg, load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size),
+                            interleave["n_alphabets"])
+    else:
+        stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
+        if interleave:
+            # A plain epoch first, on the same model, then a pipeline epoch whose pass starts
+            # only now (no look-ahead: the next pass's pair stage would otherwise run during
+            # the plain epoch and slow it); its start-up wait is recorded as first_batch_s.
+            history.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
+            stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
+                                 announce=clock_setter(loop_config["epoch_clock"]),
+                                 shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
+                                 end_epoch=epoch + 1, queue_chunks=cfg.data.prefetch_chunks)
         t0 = time.perf_counter()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))
@@ -192,13 +234,14 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += time.perf_counter() - ts
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
-                        "wait_s": wait, "step_s": step})
+                        "wait_s": wait, "step_s": step, "side": "pipeline"})
         # Ray Train (v2) keeps only checkpointed reports in the Result: hand the figures over in a file.
         Path(loop_config["history_path"]).write_text(json.dumps(history))
         ray.train.report({"epoch": epoch})
 
 
-def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tuple[list[dict[str, float]], float]:
+def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
+                    interleave: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -213,7 +256,7 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tu
     trainer = TorchTrainer(
         pipeline_loop_per_worker,
         train_loop_config={"recipe": "demo", "overrides": overrides, "epoch_clock": clock,
-                           "history_path": str(Path(storage_dir) / "history.json")},
+                           "history_path": str(Path(storage_dir) / "history.json"), "interleave": interleave},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="bench-pipeline", storage_path=storage_dir),
@@ -225,6 +268,10 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str) -> tu
         raise result.error
     epochs = json.loads((Path(storage_dir) / "history.json").read_text())
     for e in epochs:
+        if e["side"] == "plain":
+            print(f"  plain (in the worker) epoch {int(e['epoch'])}: {int(e['rows'])} pairs in "
+                  f"{e['train_seconds']:.2f}s = {e['rows'] / e['train_seconds']:.0f} pairs/s", flush=True)
+            continue
         print(f"  pipeline epoch {int(e['epoch'])}: {int(e['rows'])} pairs in {e['train_seconds']:.2f}s = "
               f"{e['rows'] / e['train_seconds']:.0f} pairs/s (first batch {e['first_batch_s']:.2f}s, "
               f"later waits {e['wait_s']:.2f}s, steps {e['step_s']:.2f}s)", flush=True)
@@ -313,6 +360,57 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
           f"(ratio {pipe_step / plain_step:.3f}: CPU taken by the data stage while steps run)")
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
+    return summary
+
+
+def interleaved(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain and pipeline epochs alternating in the one Train worker, on one model.
+
+    Why: minutes apart, these shared machines' speed drifts by 10-20%, as much as the
+    effect measured; epochs side by side cancel that. Both halves run in the same
+    process, so this isolates what streaming costs the training steps (Ray Data's
+    iterator, the object store, the pass in flight) from the step itself.
+    """
+    import ray
+
+    from workflows import config as job_config
+    from workflows import shards
+    from workflows.ray_setup import init_ray
+
+    overrides = job_overrides(args)
+    cfg = job_config.build("demo", overrides=overrides)
+    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
+    print(f"== interleaved: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
+          f"{args.batch}, {args.threads} torch threads, {args.epochs} x (plain epoch, pipeline epoch) in one "
+          f"Train worker, {os.cpu_count()} cores", flush=True)
+    init_ray()
+    storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
+    try:
+        history, _ = pipeline_epochs(cfg, overrides, storage_dir, interleave={"n_alphabets": n_alphabets})
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage_dir, ignore_errors=True)
+    steady = slice(1, None) if args.epochs > 1 else slice(0, None)
+    plain = [e for e in history if e["side"] == "plain"][steady]
+    pipe = [e for e in history if e["side"] == "pipeline"][steady]
+    plain_rate, pipe_rate = rate(plain), rate(pipe)
+    started = sum(e["rows"] for e in pipe) / sum(e["train_seconds"] - e["first_batch_s"] for e in pipe)
+    pairwise = [(p["rows"] / p["train_seconds"]) / (q["rows"] / q["train_seconds"]) for p, q in zip(pipe, plain)]
+    summary = {"preset": args.preset, "pairs_per_epoch": args.pairs, "copies": args.copies,
+               "threads": args.threads, "batch": args.batch, "epochs": args.epochs,
+               "plain_pairs_per_s": plain_rate, "pipeline_pairs_per_s": pipe_rate, "ratio": pipe_rate / plain_rate,
+               "pipeline_after_start_pairs_per_s": started, "ratio_after_start": started / plain_rate,
+               "epoch_ratios": pairwise, "plain_rows": [int(e["rows"]) for e in plain],
+               "pipeline_rows": [int(e["rows"]) for e in pipe],
+               "start_wait_s_per_epoch": statistics.mean(e["first_batch_s"] for e in pipe)}
+    print(f"-- interleaved result (epochs {steady.start}..{args.epochs - 1}; training only)")
+    print(f"plain epochs    : {plain_rate:8.0f} pairs/s")
+    print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
+          f"each pass's start-up counted ({summary['start_wait_s_per_epoch']:.2f}s per epoch, which the "
+          f"training job's look-ahead hides)")
+    print(f"after the start : {started:8.0f} pairs/s, ratio {started / plain_rate:.3f}")
+    print(f"epoch by epoch  : ratios {min(pairwise):.3f}-{max(pairwise):.3f}, "
+          f"median {statistics.median(pairwise):.3f}")
     return summary
 
 
@@ -510,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="data.decoded_cache_mb for the pipeline (default: the config's; 0 decodes every epoch)")
     parser.add_argument("--in-batch-negatives", type=float, default=None,
                         help="training.in_batch_negatives for both loops (default: the demo recipe's)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate plain and pipeline epochs in one Train worker (instead of the overhead runs)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
@@ -518,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
     out: dict[str, Any] = {}
-    if not args.no_overhead:
+    if args.interleave:
+        out["interleaved"] = interleaved(args)
+    elif not args.no_overhead:
         out["overhead"] = overhead(args)
     if args.memory:
         out["memory"] = memory(args)
