@@ -6,17 +6,25 @@ This times full training steps (distortions on 8 of 9 rows, forward, backward,
 layer-wise SGD) at batch 128 pairs, as the workers run them.
 
     .venv/bin/python benchmarks/bench_model_presets.py --threads 2
+
+``--compare-layouts`` times the contiguous and the channels-last layout of each
+candidate side by side (alternating rounds, so the machine's drift hits both) and
+prints their ratio; the demo's own step is
+
+    .venv/bin/python benchmarks/bench_model_presets.py --compare-layouts --candidates cpu-small \
+        --batch 32 --no-distort --in-batch-negatives 1
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
 from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
-from siamese_core.model import build_model, parameter_count
+from siamese_core.model import build_model, parameter_count, place_model
 from siamese_core.optim import build_optimizer
 from siamese_core.train_step import train_step
 
@@ -44,25 +52,47 @@ CANDIDATES: dict[str, ModelConfig] = {
 }
 
 
-def bench(cfg: ModelConfig, batch: int, steps: int, channels_last: bool, distort: bool) -> float:
+class StepTimer:
+    """Full training steps of one model on fixed random batches, timed in rounds."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, channels_last: bool, distort: bool,
+                 in_batch_negatives: float = 0.0) -> None:
+        self.model = place_model(build_model(cfg, seed=0), "cpu", channels_last)
+        self.opt = build_optimizer(self.model, OptimizerConfig(lr=1e-3))
+        self.g = torch.Generator().manual_seed(0)
+        s = cfg.input_size
+        self.batch, self.weight = batch, in_batch_negatives
+        self.left = (torch.rand(batch, 1, s, s, generator=self.g) > 0.8).float()
+        self.right = (torch.rand(batch, 1, s, s, generator=self.g) > 0.8).float()
+        self.same = (torch.rand(batch, generator=self.g) > 0.5).float()
+        self.mask = torch.arange(batch) % 9 != 0  # 8 distorted copies per original pair
+        self.dcfg = DistortionConfig() if distort else None
+        self.run(2)  # warm-up
+
+    def run(self, steps: int) -> float:
+        """Pairs per second over ``steps`` steps."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(self.model, self.opt, self.left, self.right, self.same, self.mask, self.dcfg, self.g,
+                       in_batch_negatives=self.weight)
+        return self.batch * steps / (time.perf_counter() - start)
+
+
+def bench(cfg: ModelConfig, batch: int, steps: int, channels_last: bool, distort: bool,
+          in_batch_negatives: float = 0.0) -> float:
     """Pairs per second over ``steps`` timed steps (after 2 warm-up steps)."""
-    model = build_model(cfg, seed=0)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, OptimizerConfig(lr=1e-3))
-    g = torch.Generator().manual_seed(0)
-    s = cfg.input_size
-    left = (torch.rand(batch, 1, s, s, generator=g) > 0.8).float()
-    right = (torch.rand(batch, 1, s, s, generator=g) > 0.8).float()
-    same = (torch.rand(batch, generator=g) > 0.5).float()
-    mask = torch.arange(batch) % 9 != 0  # 8 distorted copies per original pair
-    dcfg = DistortionConfig() if distort else None
-    for _ in range(2):
-        train_step(model, opt, left, right, same, mask, dcfg, g)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, opt, left, right, same, mask, dcfg, g)
-    return batch * steps / (time.perf_counter() - start)
+    return StepTimer(cfg, batch, channels_last, distort, in_batch_negatives).run(steps)
+
+
+def compare_layouts(cfg: ModelConfig, batch: int, steps: int, rounds: int, distort: bool,
+                    in_batch_negatives: float) -> tuple[float, float]:
+    """Median pairs/s of (contiguous, channels-last), ``rounds`` alternating rounds of ``steps`` each."""
+    timers = [StepTimer(cfg, batch, layout, distort, in_batch_negatives) for layout in (False, True)]
+    rates: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            rates[i].append(timer.run(steps))
+    return statistics.median(rates[0]), statistics.median(rates[1])
 
 
 def main() -> None:
@@ -73,8 +103,23 @@ def main() -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--no-distort", action="store_true")
+    parser.add_argument("--in-batch-negatives", type=float, default=0.0,
+                        help="weight of the in-batch negatives term (the demo recipe: 1)")
+    parser.add_argument("--compare-layouts", action="store_true",
+                        help="contiguous vs channels-last side by side, alternating rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of --steps per layout (--compare-layouts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compare_layouts:
+        print(f"torch {torch.__version__}, threads={args.threads}, batch={args.batch} pairs, "
+              f"distort={'off' if args.no_distort else 'on'}, in-batch negatives {args.in_batch_negatives}, "
+              f"{args.rounds} alternating rounds of {args.steps} steps, medians")
+        for name in args.candidates.split(","):
+            plain, last = compare_layouts(CANDIDATES[name], args.batch, args.steps, args.rounds,
+                                          not args.no_distort, args.in_batch_negatives)
+            print(f"{name}: contiguous {plain:.0f} pairs/s, channels_last {last:.0f} pairs/s, "
+                  f"ratio {last / plain:.2f}", flush=True)
+        return
     print(f"torch {torch.__version__}, threads={args.threads}, batch={args.batch} pairs, "
           f"distort={'off' if args.no_distort else 'on'}, channels_last={args.channels_last}")
     print(f"{'candidate':<10} {'input':>5} {'channels':<18} {'kernels':<13} {'emb':>4} {'feat':>5} "
@@ -82,7 +127,7 @@ def main() -> None:
     for name in args.candidates.split(","):
         cfg = CANDIDATES[name]
         n = parameter_count(build_model(cfg))
-        rate = bench(cfg, args.batch, args.steps, args.channels_last, not args.no_distort)
+        rate = bench(cfg, args.batch, args.steps, args.channels_last, not args.no_distort, args.in_batch_negatives)
         feat = cfg.channels[3] * cfg.feature_map_size() ** 2
         print(f"{name:<10} {cfg.input_size:>5} {str(cfg.channels):<18} {str(cfg.kernels):<13} "
               f"{cfg.embedding_dim:>4} {feat:>5} {n:>10,} {rate:>8.0f}", flush=True)

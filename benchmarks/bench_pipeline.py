@@ -138,10 +138,12 @@ def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: st
     import torch
 
     from siamese_core.fit import new_model
+    from siamese_core.model import place_model
     from siamese_core.optim import build_optimizer
 
     torch.set_num_threads(cfg.training.threads)
-    model = new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled)
+    model = place_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), "cpu",
+                        cfg.cluster.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     setup = plain_setup(cfg, arrays, n_alphabets)
     out = []
@@ -177,6 +179,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from siamese_core.fit import new_model
+    from siamese_core.model import place_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
     from workflows import config as job_config
@@ -186,7 +189,8 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
     torch.set_num_threads(cfg.training.threads)
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled))
+    model = ray.train.torch.prepare_model(place_model(
+        new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), device, cfg.cluster.channels_last))
     optimizer = build_optimizer(model, cfg.optim)
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")

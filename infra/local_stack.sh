@@ -29,6 +29,8 @@
 #                         (Ray then listens on all interfaces, token auth still on; a node
 #                         joins from this machine as 127.0.0.2, see README "Local stack")
 #   STACK_START_TIMEOUT   seconds to wait for each service      (180)
+#   STACK_STOP_TIMEOUT    seconds each service gets to stop     (30)
+#                         after SIGTERM, before SIGKILL
 #
 # The object store keeps objects in memory: `down` discards them (mlflow.db stays, so
 # old runs keep their metadata but lose their artifacts). `rm -rf .stack` after `down`

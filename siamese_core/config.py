@@ -356,7 +356,9 @@ also trains each batch's other pairings (1,984 of them at batch 32) as "differen
 ~15-25% more time per step. Fixed 30-epoch runs, 1,600 validation trials: without it
 67.1%; weight 1: 71.1%; weight 2: 70.1% (benchmarks/results/cpu_demo_search.jsonl, tags
 "inbatch0_e30", "inbatch1_e30", "inbatch2_e30"); one run each, so the weight itself is
-not resolved. ``make demo`` went from 71.75% to 73.75% on the test trials."""
+not resolved. ``make demo`` went from 71.75% to 73.75% on the test trials. With the
+channels-last layout on CPU (a 1.15-1.22x faster step) a later run, on a slower day, had
+32 epochs and 72.50%: within the test trials' noise."""
 
 RECIPES: dict[str, TrainingRecipe] = {
     "demo": DEMO_DEFAULTS,

@@ -31,7 +31,7 @@ import torch
 
 from .config import (VALIDATION_ONESHOT, DistortionConfig, ModelConfig, OneShotConfig,
                      OptimizerConfig, PairConfig)
-from .model import SiameseNet, init_weights
+from .model import SiameseNet, init_weights, place_model
 from .omniglot import OmniglotArrays
 from .oneshot import OneShotResult, OneShotRun, ScoreFn, make_trials, score_runs
 from .optim import apply_epoch_schedule, build_optimizer
@@ -245,7 +245,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
         time_budget_s: float | None = None, *, negatives: Negatives = "same_alphabet",
         fan_in_scaled: bool = True, val_pairs: int = VALIDATION_PAIRS,
         val_oneshot: OneShotConfig = VALIDATION_ONESHOT, model: SiameseNet | None = None,
-        in_batch_negatives: float = 0.0) -> FitResult:
+        in_batch_negatives: float = 0.0, channels_last: bool | None = None) -> FitResult:
     """Train one model on ``train_arrays``; early-stop and select on validation one-shot accuracy.
 
     Per epoch ``e`` (0-based): the paper's schedule (``apply_epoch_schedule``),
@@ -257,7 +257,8 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
     ``epochs``, after ``patience`` epochs without a better one-shot accuracy,
     or before an epoch that would overrun ``time_budget_s`` (at least one
     epoch always runs). ``in_batch_negatives`` weighs the extra in-batch loss term
-    (``train_step``). Returns the best epoch's weights.
+    (``train_step``); ``channels_last`` is the memory layout (:func:`place_model`;
+    None: by device). Returns the best epoch's weights.
 
     Images must already be ``model_cfg.input_size`` square (``load_split(size=...)``).
     """
@@ -273,7 +274,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
 
     if model is None:
         model = new_model(model_cfg, seed, fan_in_scaled)
-    model = model.to(device)
+    model = place_model(model, device, channels_last)
     optimizer = build_optimizer(model, optim_cfg)
     train_images = torch.from_numpy(np.ascontiguousarray(train_arrays.images)).to(device)
     val_images = torch.from_numpy(np.ascontiguousarray(val_arrays.images)).to(device)

@@ -1,4 +1,4 @@
-"""The GPU benchmark's CPU smoke mode runs and prints its figures (no Ray, no GPU needed)."""
+"""The benchmarks run and print their figures: the GPU benchmark's CPU smoke mode (no Ray, no GPU needed), the layout comparison."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +61,16 @@ def test_gpu_session_script_parses_and_its_variants_are_valid_recipes() -> None:
         overrides = dict(kv.split("=", 1) for kv in f"{fixed} training.epochs={epochs} {extra}".split())
         recipe = apply_overrides(DEMO_DEFAULTS, overrides)  # raises ConfigError on a bad key or value
         assert recipe.training.epochs == int(epochs), tag
+
+
+def test_layout_comparison_prints_both_rates_and_their_ratio() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_model_presets.py"), "--compare-layouts",
+         "--candidates", "cpu-small", "--batch", "8", "--steps", "2", "--rounds", "2", "--threads", "1",
+         "--no-distort", "--in-batch-negatives", "1"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [l for l in proc.stdout.splitlines() if l.startswith("cpu-small:")]
+    m = re.fullmatch(r"cpu-small: contiguous (\d+) pairs/s, channels_last (\d+) pairs/s, ratio ([\d.]+)", line)
+    assert m, proc.stdout
+    assert float(m[3]) == pytest.approx(int(m[2]) / int(m[1]), abs=0.02)

@@ -21,12 +21,14 @@ def test_set_overrides_are_typed() -> None:
     cfg = job_config.build("demo", overrides={
         "optim.lr": "0.02", "model.channels": "8,16,16,32", "training.time_budget_s": "300",
         "tracking.registered_model": "none", "cluster.mixed_precision": "false",
-        "optim.lr_multipliers.fc": "3"})
+        "optim.lr_multipliers.fc": "3", "cluster.channels_last": "none"})
     assert cfg.optim.lr == 0.02 and isinstance(cfg.optim.lr, float)
     assert cfg.model.channels == (8, 16, 16, 32)
     assert cfg.training.time_budget_s == 300.0
     assert cfg.tracking.registered_model is None
     assert cfg.cluster.mixed_precision is False
+    assert cfg.cluster.channels_last is None  # by device
+    assert job_config.build("demo", overrides={"cluster.channels_last": "true"}).cluster.channels_last is True
     assert cfg.optim.layer_lr("fc") == pytest.approx(0.06)
 
 

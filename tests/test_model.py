@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from siamese_core.config import LAYER_NAMES, ModelConfig
-from siamese_core.model import (SiameseNet, build_model, init_kaiming_weights, init_paper_weights, init_weights,
+from siamese_core.model import (SiameseNet, build_model, place_model, init_kaiming_weights, init_paper_weights, init_weights,
                                  layer_shapes, parameter_count)
 
 
@@ -117,6 +117,23 @@ def test_channels_last_gives_same_outputs(small: SiameseNet) -> None:
     assert cl.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(cl.embed(x1), small.embed(x1), atol=1e-5)
     assert torch.allclose(cl(x1, x2), expected, atol=1e-4)
+
+
+def test_place_model_picks_channels_last_on_cpu_unless_told(small: SiameseNet) -> None:
+    def layout(model: SiameseNet) -> bool:
+        return model.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert not layout(build_model("cpu-small", seed=0))  # built contiguous
+    assert layout(place_model(build_model("cpu-small", seed=0), "cpu"))  # by device: CPU
+    assert not layout(place_model(build_model("cpu-small", seed=0), "cpu", channels_last=False))
+    placed = place_model(build_model("cpu-small", seed=0), torch.device("cpu"), channels_last=True)
+    assert layout(placed) and placed.conv1.weight.device.type == "cpu"
+    # the state dicts are interchangeable between layouts
+    contiguous = build_model("cpu-small", seed=5)
+    contiguous.load_state_dict(placed.state_dict())
+    s = small.config.input_size
+    x = torch.rand(4, 1, s, s)
+    assert torch.allclose(contiguous.embed(x), placed.embed(x), atol=1e-5)
 
 
 def test_custom_config_and_too_small_input() -> None:

@@ -111,6 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from siamese_core import checkpoint as ckpt_io
     from siamese_core.fit import EarlyStopping, new_model
+    from siamese_core.model import place_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
     from workflows.data import expand_copies, iter_steps, worker_stream
@@ -137,9 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(payload["state_dict"])
         stopper.load_state_dict(payload["early_stopping"])
         start_epoch = int(payload["epoch"]) + 1
-    if gpu and cfg.cluster.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(place_model(model, device, cfg.cluster.channels_last))
     optimizer = build_optimizer(ckpt_io.unwrap(model), cfg.optim)
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
