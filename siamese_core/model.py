@@ -188,7 +188,7 @@ def place_model(model: SiameseNet, device: torch.device | str,
     """``model`` on ``device``, in the memory layout that trains it fastest there.
 
     ``channels_last=None`` picks by device: channels-last on CPU, where it made the
-    demo's training step 1.1-1.3x faster on 2 cores (oneDNN's convolutions and
+    demo's training step 1.15-1.22x faster on 2 cores (oneDNN's convolutions and
     max-pooling prefer it; ``benchmarks/bench_model_presets.py --compare-layouts``),
     contiguous on GPU, where it did not help the paper's network on an H200 (fp32
     3,933 vs 4,150 pairs/s). Results do not depend on the layout, only speed does:

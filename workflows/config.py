@@ -89,7 +89,7 @@ class ClusterSection:
     training step: 8,524 vs 4,150 pairs/s (benchmarks/gpu_bench.py)."""
     channels_last: bool | None = None
     """channels-last memory format: true, false, or none (default) to pick by device, which
-    means on for CPU workers (a 1.1-1.3x faster step for the demo on 2 cores) and off for
+    means on for CPU workers (a 1.15-1.22x faster step for the demo on 2 cores) and off for
     GPU workers (on an H200 it did not help the paper's network: fp32 3,933 vs 4,150
     pairs/s, bf16 8,477 vs 8,524). See ``siamese_core.model.place_model``."""
 
