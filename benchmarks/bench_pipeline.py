@@ -196,7 +196,6 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     interleave = loop_config.get("interleave")
     if interleave:
-        from workflows.data import EpochStream, clock_setter
         from workflows.evaluate import load_split_arrays
 
         setup = plain_setup(cfg, load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size),
@@ -210,10 +209,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # only now (no look-ahead: the next pass's pair stage would otherwise run during
             # the plain epoch and slow it); its start-up wait is recorded as first_batch_s.
             history.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
-            stream = EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size,
-                                 announce=clock_setter(loop_config["epoch_clock"]),
-                                 shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
-                                 end_epoch=epoch + 1, queue_chunks=cfg.data.prefetch_chunks)
+            stream = worker_stream(shard, cfg, loop_config["epoch_clock"], end_epoch=epoch + 1)
         t0 = time.perf_counter()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))

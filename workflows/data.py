@@ -410,11 +410,13 @@ class EpochStream:
                                       self.seed + epoch))
 
 
-def worker_stream(shard: Any, cfg: Any, clock: Any) -> EpochStream:
-    """The :class:`EpochStream` a Train worker reads, from the job's configuration (``JobConfig``)."""
+def worker_stream(shard: Any, cfg: Any, clock: Any, end_epoch: int | None = None) -> EpochStream:
+    """The :class:`EpochStream` a Train worker reads, from the job's configuration (``JobConfig``);
+    ``end_epoch`` (default: ``training.epochs``) is where it stops starting passes ahead."""
     return EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size, announce=clock_setter(clock),
                        shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
-                       end_epoch=cfg.training.epochs, queue_chunks=cfg.data.prefetch_chunks)
+                       end_epoch=cfg.training.epochs if end_epoch is None else end_epoch,
+                       queue_chunks=cfg.data.prefetch_chunks)
 
 
 _END = object()
