@@ -7,7 +7,7 @@ training job runs as a user runs it: ``python -m workflows.train`` as a driver
 joining the cluster, data read from and checkpoints written to S3.
 
 Faults, each on a real run: a Train worker killed mid-epoch, the driver killed,
-the object store unreachable for a few seconds and then for good (one run), and bad
+the object store unreachable for a few seconds and for good, and bad
 configuration; then no secret anywhere in MLflow or the job's output.
 """
 
@@ -360,26 +360,36 @@ def _via_proxy(stack: Stack, proxy: FlakyProxy) -> dict[str, str]:
     return {**stack.env, "AWS_ENDPOINT_URL": proxy.url}
 
 
-def test_object_store_blip_is_ridden_out_and_loss_fails_clearly(stack: Stack) -> None:
-    """One run, two faults (one job start instead of two): the object store unreachable for 8 s
-    after epoch 1, which the run rides out and goes on training; then gone for good, which
-    fails the job with an error naming the storage. Either way no epoch is reported
-    without its checkpoint, and the history has no gap."""
+def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
     proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
-    log = stack.tmp / "s3-faults.log"
-    proc = start_job(stack, train_command("s3-faults", "--set", "cluster.checkpoints_to_keep=10",
-                                          "--set", "cluster.max_failures=1", epochs=8, pairs=1024),
-                     log, env=_via_proxy(stack, proxy))
+    log = stack.tmp / "s3-blip.log"
+    proc = start_job(stack, train_command("s3-blip", "--set", "cluster.checkpoints_to_keep=10", epochs=3,
+                                          pairs=1024), log, env=_via_proxy(stack, proxy))
     try:
-        wait_for_epoch(stack, "s3-faults", 1, proc, log)
-        proxy.down()  # a blip
+        wait_for_epoch(stack, "s3-blip", 1, proc, log)
+        proxy.down()
         time.sleep(8)
         proxy.up()
-        blip_over = time.time()
-        wait_for_epoch(stack, "s3-faults", 3, proc, log)  # trained on after it
-        [run] = run_named(stack, "s3-faults")
-        after_blip = [m.step for m in history(stack, run.info.run_id) if m.timestamp >= blip_over * 1000]
-        proxy.down()  # gone
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-8000:]
+    finally:
+        proxy.down()
+        if proc.poll() is None:
+            proc.kill()
+    stack.outputs.append(log.read_text())
+    [run] = run_named(stack, "s3-blip")
+    logged = sorted({m.step for m in history(stack, run.info.run_id)})
+    assert logged == [0, 1, 2]
+    assert set(logged) <= set(checkpoint_epochs(stack, "s3-blip"))  # every logged epoch has its checkpoint
+
+
+def test_object_store_gone_fails_clearly(stack: Stack) -> None:
+    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    log = stack.tmp / "s3-gone.log"
+    proc = start_job(stack, train_command("s3-gone", "--set", "cluster.max_failures=1", epochs=6, pairs=1024),
+                     log, env=_via_proxy(stack, proxy))
+    try:
+        wait_for_epoch(stack, "s3-gone", 0, proc, log)
+        proxy.down()
         lost_at = time.monotonic()
         rc = proc.wait(timeout=RUN_TIMEOUT_S)
         failed_after_s = time.monotonic() - lost_at
@@ -389,17 +399,14 @@ def test_object_store_blip_is_ridden_out_and_loss_fails_clearly(stack: Stack) ->
             proc.kill()
     output = log.read_text()
     stack.outputs.append(output)
-    assert after_blip, output[-5000:]
     assert rc != 0, output[-5000:]
     assert "error: training failed" in output and f"s3://{BUCKET}/runs" in output, output[-5000:]
-    print(f"object store back after 8 s: epochs {after_blip} logged after it; gone: the job failed "
-          f"{failed_after_s:.0f}s later with: "
+    print(f"object store gone: the job failed {failed_after_s:.0f}s later with: "
           + next(line for line in output.splitlines() if line.startswith("error: training failed")))
-    [run] = run_named(stack, "s3-faults")
+    [run] = run_named(stack, "s3-gone")
     assert run.info.status == "FAILED"
-    logged = sorted({m.step for m in history(stack, run.info.run_id)})
-    assert logged == list(range(len(logged))) and len(logged) >= 4, logged  # no gap, 0..3 at least
-    assert set(logged) <= set(checkpoint_epochs(stack, "s3-faults"))  # no epoch reported without its checkpoint
+    logged = {m.step for m in history(stack, run.info.run_id)}
+    assert logged <= set(checkpoint_epochs(stack, "s3-gone"))  # no epoch reported without its checkpoint
 
 
 @pytest.mark.parametrize("case", ["unknown key", "missing bucket", "wrong credentials", "unreachable MLflow"])
