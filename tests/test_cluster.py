@@ -361,21 +361,32 @@ def _via_proxy(stack: Stack, proxy: FlakyProxy) -> dict[str, str]:
 
 
 def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
+    """An 8 s outage after epoch 1. Usually ridden out (retries, or a restart from the last
+    checkpoint). If it hits Ray Train's controller writing its own state, Ray 2.60 never
+    retries that: the job must then stop with a clear error, and the same command resume it.
+    Either way the history ends complete, every logged epoch with its checkpoint."""
     proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
     log = stack.tmp / "s3-blip.log"
-    proc = start_job(stack, train_command("s3-blip", "--set", "cluster.checkpoints_to_keep=10", epochs=3,
-                                          pairs=1024), log, env=_via_proxy(stack, proxy))
+    command = train_command("s3-blip", "--set", "cluster.checkpoints_to_keep=10", epochs=3, pairs=1024)
+    proc = start_job(stack, command, log, env=_via_proxy(stack, proxy))
     try:
         wait_for_epoch(stack, "s3-blip", 1, proc, log)
         proxy.down()
         time.sleep(8)
         proxy.up()
-        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-8000:]
+        rc = proc.wait(timeout=RUN_TIMEOUT_S)
     finally:
         proxy.down()
         if proc.poll() is None:
             proc.kill()
-    stack.outputs.append(log.read_text())
+    output = log.read_text()
+    stack.outputs.append(output)
+    if rc != 0:  # the controller case (see the README's failure table)
+        assert "error: training failed" in output and "checkpoint_manager_snapshot" in output, output[-8000:]
+        again = run_job(stack, command)
+        assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-8000:]
+        assert "Resuming 's3-blip'" in again.stdout
+    print(f"object store back after 8 s: {'ridden out' if rc == 0 else 'controller stopped; resumed by re-running'}")
     [run] = run_named(stack, "s3-blip")
     logged = sorted({m.step for m in history(stack, run.info.run_id)})
     assert logged == [0, 1, 2]
