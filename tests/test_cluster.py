@@ -197,7 +197,12 @@ def history(stack: Stack, run_id: str, key: str = "val_oneshot_accuracy") -> lis
 
 
 def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
-    """The epoch stored in each checkpoint under s3://BUCKET/runs/NAME."""
+    """The epoch stored in each complete checkpoint under s3://BUCKET/runs/NAME.
+
+    Ray Train creates a checkpoint's folder before it uploads ``model.pt``; when
+    the store vanishes in between, an empty folder is left that Ray never
+    recorded. Such a folder must be empty (nothing half-written) and is not a checkpoint.
+    """
     import pyarrow.fs as pafs
 
     from siamese_core import checkpoint as ckpt_io
@@ -210,6 +215,12 @@ def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
         epochs = []
         for info in loc.fs.get_file_info(pafs.FileSelector(loc.path)):
             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+                files = [f.base_name for f in loc.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
+                         if f.type == pafs.FileType.File]
+                if ckpt_io.MODEL_FILE not in files:
+                    assert not files, f"{info.path} holds {files} but no {ckpt_io.MODEL_FILE}: a half-written checkpoint"
+                    print(f"{info.path}: empty folder of an interrupted checkpoint upload")
+                    continue
                 local = Path(tempfile.mkdtemp(dir=stack.tmp))
                 pafs.copy_files(info.path, str(local), source_filesystem=loc.fs,
                                 destination_filesystem=pafs.LocalFileSystem())

@@ -99,3 +99,12 @@ def test_pixel_baseline_beats_chance(small_shards, store, capsys):
     assert evaluate.main(["--data", small_shards, "--model", "pixel-nn", "--no-mlflow"]) == 0
     assert f"{accuracy:.2%}" in capsys.readouterr().out
     assert not (Path.cwd() / "mlflow.db").exists()
+
+
+def test_unloadable_model_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty-checkpoint").mkdir()
+    for model in [tmp_path / "no-such-model", tmp_path / "empty-checkpoint"]:
+        code = evaluate.main(["--data", str(tmp_path), "--model", str(model), "--no-mlflow"])
+        out, err = capsys.readouterr()
+        assert code == 2 and out == ""
+        assert err.startswith(f"error: cannot load --model {model}: ") and "Traceback" not in err, err

@@ -84,6 +84,30 @@ def test_s3_writable_and_readable(s3_env) -> None:
 
 
 @pytest.mark.integration
+def test_checkpoint_loads_from_s3_and_an_empty_checkpoint_folder_says_so(s3_env, tmp_path: Path) -> None:
+    import torch
+
+    from siamese_core import checkpoint as ckpt_io
+    from siamese_core.config import ModelConfig
+    from siamese_core.model import SiameseNet
+    from workflows.models import ModelLoadError, load_any
+
+    bucket = s3_env.create_bucket()
+    fs, path = storage.resolve(f"s3://{bucket}/runs/r", endpoint_url=s3_env.endpoint_url)
+    net = SiameseNet(ModelConfig(preset="tiny", input_size=35, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2),
+                                 embedding_dim=32)).eval()
+    ckpt_io.save(tmp_path, net, epoch=3)
+    storage.write_bytes(fs, f"{path}/checkpoint_a/{ckpt_io.MODEL_FILE}", (tmp_path / ckpt_io.MODEL_FILE).read_bytes())
+    fs.create_dir(f"{path}/checkpoint_b")  # what Ray Train leaves when the store vanishes before the upload
+
+    loaded = load_any(f"s3://{bucket}/runs/r/checkpoint_a", endpoint_url=s3_env.endpoint_url)
+    x = torch.rand(2, 1, 35, 35)
+    assert torch.equal(loaded.similarity(x, x.flip(0)), net.similarity(x, x.flip(0)))
+    with pytest.raises(ModelLoadError, match="no model.pt there, so it is not a complete"):
+        load_any(f"s3://{bucket}/runs/r/checkpoint_b", endpoint_url=s3_env.endpoint_url)
+
+
+@pytest.mark.integration
 def test_s3_missing_bucket(s3_env) -> None:
     uri = "s3://no-such-bucket-here/data"
     fs, path = storage.resolve(uri, endpoint_url=s3_env.endpoint_url)

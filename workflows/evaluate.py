@@ -103,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     request = EvaluationRequest(data=args.data, split=args.split, model=args.model, seed=args.seed,
                                 n_way=args.n_way, runs_per_alphabet=args.runs_per_alphabet,
                                 endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri)
+    from workflows.models import ModelLoadError
+    from workflows.storage import StorageError
+
     started = time.perf_counter()
-    evaluation = evaluate(request)
+    try:
+        evaluation = evaluate(request)
+    except (ModelLoadError, StorageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result = evaluation.result
     elapsed = time.perf_counter() - started
     protocol = f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"

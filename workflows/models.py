@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,15 +19,31 @@ from siamese_core.model import SiameseNet
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
 
+class ModelLoadError(Exception):
+    """``--model`` names nothing loadable; the message says what was tried and what to give instead."""
+
+
 def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | None = None) -> SiameseNet:
-    """The network named by ``spec``, in eval mode on the CPU."""
+    """The network named by ``spec``, in eval mode on the CPU; :class:`ModelLoadError` if there is none."""
+    try:
+        return _load(spec, endpoint_url, tracking_uri)
+    except (OSError, ValueError, RuntimeError) as exc:  # StorageError is a RuntimeError
+        raise ModelLoadError(f"cannot load --model {spec}: {exc}") from exc
+    except Exception as exc:
+        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+        if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
+            raise ModelLoadError(f"cannot load --model {spec} from MLflow: {exc}") from exc
+        raise
+
+
+def _load(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> SiameseNet:
     if spec.startswith(MLFLOW_SCHEMES):
         return load_mlflow(spec, tracking_uri)
     if "://" in spec:
         return load_remote_checkpoint(spec, endpoint_url)
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"--model {spec}: no such checkpoint folder or file; give a checkpoint "
+        raise FileNotFoundError("no such checkpoint folder or file; give a checkpoint "
                                 "directory, a model.pt, or an MLflow URI such as models:/siamese-oneshot/1")
     return ckpt_io.load_model(path)
 
@@ -43,11 +60,17 @@ def load_mlflow(uri: str, tracking_uri: str | None = None) -> SiameseNet:
 
 def load_remote_checkpoint(uri: str, endpoint_url: str | None = None) -> SiameseNet:
     """Copy ``model.pt`` out of object storage, then load it."""
+    import pyarrow.fs as pafs
+
     from workflows import storage
 
     loc = storage.locate(uri, endpoint_url)
     storage.check_readable(loc.fs, loc.path, loc.uri)
     source = loc.path if loc.path.endswith(".pt") else storage.join(loc.path, ckpt_io.MODEL_FILE)
+    if loc.fs.get_file_info(source).type != pafs.FileType.File:
+        # e.g. the empty folder Ray Train leaves when the store vanished between creating it and the upload
+        raise FileNotFoundError(f"no {ckpt_io.MODEL_FILE} there, so it is not a complete "
+                                "siamese-oneshot checkpoint; give another checkpoint folder or an MLflow URI")
     with tempfile.TemporaryDirectory() as directory:
         target = Path(directory) / ckpt_io.MODEL_FILE
         target.write_bytes(storage.read_bytes(loc.fs, source))

@@ -199,17 +199,12 @@ def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> None:
 
 
 def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> Any:
-    from workflows.models import load_any
+    from workflows.models import ModelLoadError, load_any
 
     try:
         return load_any(spec, endpoint_url=endpoint_url, tracking_uri=tracking_uri)
-    except (OSError, ValueError) as exc:
-        raise PredictError(f"cannot load --model {spec}: {exc}") from exc
-    except Exception as exc:
-        mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-        if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
-            raise PredictError(f"cannot load --model {spec} from MLflow: {exc}") from exc
-        raise
+    except ModelLoadError as exc:
+        raise PredictError(str(exc)) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
