@@ -373,8 +373,9 @@ def _via_proxy(stack: Stack, proxy: FlakyProxy) -> dict[str, str]:
 
 def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
     """An 8 s outage after epoch 1. Usually ridden out (retries, or a restart from the last
-    checkpoint). If it hits Ray Train's controller writing its own state, Ray 2.60 never
-    retries that: the job must then stop with a clear error, and the same command resume it.
+    checkpoint). If it hits Ray Train's controller writing its own state (Ray 2.60 never
+    retries that), or every allowed restart falls inside it, the job must stop with a clear
+    error naming the storage call, and the same command resume it.
     Either way the history ends complete, every logged epoch with its checkpoint."""
     proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
     log = stack.tmp / "s3-blip.log"
@@ -392,8 +393,9 @@ def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
             proc.kill()
     output = log.read_text()
     stack.outputs.append(output)
-    if rc != 0:  # the controller case (see the README's failure table)
-        assert "error: training failed" in output and "checkpoint_manager_snapshot" in output, output[-8000:]
+    if rc != 0:  # the controller case, or every restart within the outage (see the README's failure table)
+        assert "error: training failed" in output, output[-8000:]
+        assert "checkpoint_manager_snapshot" in output or "could not read the last checkpoint" in output, output[-8000:]
         again = run_job(stack, command)
         assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-8000:]
         assert "Resuming 's3-blip'" in again.stdout
