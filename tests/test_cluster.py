@@ -14,6 +14,7 @@ configuration; then no secret anywhere in MLflow or the job's output.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -326,6 +327,8 @@ def test_killed_worker_restores_from_last_checkpoint(stack: Stack, spread_run: d
     assert before and all([m.step for m in points].count(s) == 1 for s in before)  # checkpointed epochs not redone
     after = [m for m in points if m.timestamp >= killed_at * 1000]
     recovery_s = min(m.timestamp for m in after) / 1000 - killed_at
+    restored = [int(e) for e in re.findall(r"\[rank 0\] restored epoch (\d+) from", spread_run["output"])]
+    assert restored and restored[0] >= max(before), restored  # the restart says where it went on from
     # The pair stage drew each epoch's own pairs, also after the restart.
     drawn = history(stack, run.info.run_id, "pairs_epoch")
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
@@ -399,7 +402,9 @@ def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
         again = run_job(stack, command)
         assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-8000:]
         assert "Resuming 's3-blip'" in again.stdout
-    print(f"object store back after 8 s: {'ridden out' if rc == 0 else 'controller stopped; resumed by re-running'}")
+    restarts = output.count("[rank 0] restored epoch")
+    print("object store back after 8 s: " + (f"ridden out ({restarts} restart(s) from a checkpoint)" if rc == 0
+                                               else "the job stopped; resumed by re-running"))
     [run] = run_named(stack, "s3-blip")
     logged = sorted({m.step for m in history(stack, run.info.run_id)})
     assert logged == [0, 1, 2]

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import os
+import pickle
 import shutil
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
+from flaky_proxy import FlakyProxy
 from s3_server import closed_port
 from workflows import download, storage
 from workflows.storage import StorageError
@@ -105,6 +107,29 @@ def test_checkpoint_loads_from_s3_and_an_empty_checkpoint_folder_says_so(s3_env,
     assert torch.equal(loaded.similarity(x, x.flip(0)), net.similarity(x, x.flip(0)))
     with pytest.raises(ModelLoadError, match="no model.pt there, so it is not a complete"):
         load_any(f"s3://{bucket}/runs/r/checkpoint_b", endpoint_url=s3_env.endpoint_url)
+
+
+@pytest.mark.integration
+def test_a_jobs_filesystem_keeps_its_retries_through_pickling_and_rides_out_an_outage(s3_env) -> None:
+    bucket = s3_env.create_bucket()
+    proxy = FlakyProxy(int(s3_env.endpoint_url.rsplit(":", 1)[1]))
+    try:
+        quick, path = storage.resolve(f"s3://{bucket}/d", endpoint_url=proxy.url)
+        storage.write_json(quick, f"{path}/x.json", {"ok": 1})
+        # What Ray's controller and workers get: a pickled copy (pyarrow's own S3FileSystem loses its retries).
+        job = pickle.loads(pickle.dumps(pickle.loads(pickle.dumps(storage.patient(quick)))))
+        assert (job.max_attempts, quick.max_attempts) == (storage.JOB_MAX_ATTEMPTS, storage.MAX_ATTEMPTS)
+        assert storage.s3_options(job) == storage.s3_options(quick)
+        local = pafs.LocalFileSystem()
+        assert storage.patient(local) is local
+
+        proxy.down()
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # a command's filesystem gives up within about a second
+            storage.read_json(pickle.loads(pickle.dumps(quick)), f"{path}/x.json")
+        threading.Timer(2.0, proxy.up).start()  # the store is back 2 s later
+        assert storage.read_json(job, f"{path}/x.json") == {"ok": 1}
+    finally:
+        proxy.down()
 
 
 @pytest.mark.integration

@@ -10,7 +10,10 @@ environment are put into the filesystem object itself, so a filesystem passed to
 Ray workers (which do not inherit the driver's environment) still works.
 
 Timeouts are short and retries bounded: an unreachable endpoint fails within
-seconds. ``check_writable`` / ``check_readable`` probe the location before any
+seconds. A running job is more patient (:func:`patient`): inside Ray's processes
+each S3 call keeps retrying for about 10-20 s, so a brief outage is ridden out
+even where Ray Train never retries (its controller writing its own state).
+``check_writable`` / ``check_readable`` probe the location before any
 work and turn a missing bucket, refused credentials or an unreachable endpoint
 into a :class:`StorageError` that names the URI and says what to fix.
 
@@ -36,6 +39,9 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 CONNECT_TIMEOUT_S = float(os.environ.get("SIAMESE_S3_CONNECT_TIMEOUT", "3"))
 REQUEST_TIMEOUT_S = float(os.environ.get("SIAMESE_S3_REQUEST_TIMEOUT", "30"))
 MAX_ATTEMPTS = int(os.environ.get("SIAMESE_S3_MAX_ATTEMPTS", "3"))
+"""Attempts per S3 call in commands and checks: about 1 s before an unreachable endpoint fails."""
+JOB_MAX_ATTEMPTS = int(os.environ.get("SIAMESE_S3_JOB_MAX_ATTEMPTS", "6"))
+"""Attempts per S3 call for a running job's checkpoints and shards (:func:`patient`): 10-20 s."""
 
 S3_ENV_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
@@ -73,14 +79,43 @@ def endpoint_from_env(endpoint_url: str | None = None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """An ``S3FileSystem`` that keeps its retry budget when pickled.
+
+    Why: pyarrow (25) drops ``retry_strategy`` when it pickles an ``S3FileSystem``, so the
+    copy Ray hands its controller and workers would retry 3 times whatever was asked.
+    """
+
+    def __init__(self, max_attempts: int, **options: Any) -> None:
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+        self.max_attempts = max_attempts
+
+    def options(self) -> dict[str, Any]:
+        """The constructor's options (credentials included), without the retry strategy."""
+        return dict(super().__reduce__()[1][0])
+
+    def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Any]]]:
+        return _rebuild_s3, (self.max_attempts, self.options())
+
+
+def _rebuild_s3(max_attempts: int, options: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
+def patient(fs: pafs.FileSystem, max_attempts: int | None = None) -> pafs.FileSystem:
+    """``fs`` with a running job's retry budget (``JOB_MAX_ATTEMPTS``); local filesystems as they are."""
+    if not isinstance(fs, RetryingS3FileSystem):
+        return fs
+    return RetryingS3FileSystem(max_attempts or JOB_MAX_ATTEMPTS, **fs.options())
+
+
+def s3_filesystem(endpoint_url: str | None = None) -> RetryingS3FileSystem:
     """An S3 filesystem configured from the standard AWS environment and ``endpoint_url``."""
     endpoint = endpoint_from_env(endpoint_url)
     kwargs: dict[str, Any] = {
         "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -95,7 +130,7 @@ def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
         kwargs["secret_key"] = secret
         if os.environ.get("AWS_SESSION_TOKEN"):
             kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(MAX_ATTEMPTS, **kwargs)
 
 
 def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -131,7 +166,7 @@ def s3_options(fs: pafs.FileSystem) -> dict[str, Any]:
     """The options of an S3 filesystem, secrets removed (for messages and tests)."""
     if fs.type_name != "s3":
         return {}
-    options = dict(fs.__reduce__()[1][0])
+    options = fs.options() if isinstance(fs, RetryingS3FileSystem) else dict(fs.__reduce__()[1][0])
     for secret in ("secret_key", "session_token"):
         options.pop(secret, None)
     return options

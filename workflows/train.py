@@ -138,6 +138,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(payload["state_dict"])
         stopper.load_state_dict(payload["early_stopping"])
         start_epoch = int(payload["epoch"]) + 1
+        if rank == 0:
+            print(f"[rank 0] restored epoch {payload['epoch']} from {restored.path}; "
+                  f"training goes on at epoch {start_epoch}", flush=True)
     model = ray.train.torch.prepare_model(place_model(model, device, cfg.cluster.channels_last))
     optimizer = build_optimizer(ckpt_io.unwrap(model), cfg.optim)
     if payload is not None:
@@ -254,6 +257,7 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from workflows import storage
     from workflows.data import start_epoch_clock, training_pairs
 
     import ray.data
@@ -280,7 +284,7 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
         run_config=ray.train.RunConfig(
             name=cfg.cluster.name,
             storage_path=storage_loc.path,
-            storage_filesystem=storage_loc.fs,
+            storage_filesystem=storage.patient(storage_loc.fs),  # rides out a brief outage
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep,
                                                          checkpoint_score_attribute="val_oneshot_accuracy",
                                                          checkpoint_score_order="max"),

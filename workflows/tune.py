@@ -140,18 +140,21 @@ def make_tuner(plan: SearchPlan, space: Mapping[str, Any], search: SearchSection
     """A new Tuner, or the interrupted one restored from storage; True when restored."""
     from ray import tune
 
+    from workflows import storage
+
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": search.trial_cpus})
     path = loc.join(search.name)
-    if tune.Tuner.can_restore(path, storage_filesystem=loc.fs):
+    fs = storage.patient(loc.fs)  # Ray's processes ride out a brief object-store outage
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=loc.fs), True
+                                  storage_filesystem=fs), True
     tuner = tune.Tuner(
         trainable,
         param_space=search_space.to_tune(space),
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=make_searcher(search),
                                     scheduler=make_scheduler(search, cfg), num_samples=search.num_samples,
                                     max_concurrent_trials=search.max_concurrent_trials),
-        run_config=tune.RunConfig(name=search.name, storage_path=loc.path, storage_filesystem=loc.fs,
+        run_config=tune.RunConfig(name=search.name, storage_path=loc.path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
     return tuner, False
