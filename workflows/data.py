@@ -312,7 +312,8 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
                       negatives=negatives, clock=clock)
     per_task = max(1, int(shards_per_task))
     listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // per_task))
-    pairs = ShardPairs(storage.patient(loc.fs), stage, cache_bytes=int(cache_mb * 2**20), dataset_key=manifest.content_checksum)
+    pairs = ShardPairs(storage.patient(loc.fs), stage, cache_bytes=int(cache_mb * 2**20),
+                       dataset_key=manifest.content_checksum)
     return listing.map_batches(pairs, batch_size=per_task, batch_format="numpy",
                                num_cpus=num_cpus + read_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
 

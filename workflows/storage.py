@@ -102,11 +102,11 @@ def _rebuild_s3(max_attempts: int, options: dict[str, Any]) -> RetryingS3FileSys
     return RetryingS3FileSystem(max_attempts, **options)
 
 
-def patient(fs: pafs.FileSystem, max_attempts: int | None = None) -> pafs.FileSystem:
+def patient(fs: pafs.FileSystem) -> pafs.FileSystem:
     """``fs`` with a running job's retry budget (``JOB_MAX_ATTEMPTS``); local filesystems as they are."""
     if not isinstance(fs, RetryingS3FileSystem):
         return fs
-    return RetryingS3FileSystem(max_attempts or JOB_MAX_ATTEMPTS, **fs.options())
+    return RetryingS3FileSystem(JOB_MAX_ATTEMPTS, **fs.options())
 
 
 def s3_filesystem(endpoint_url: str | None = None) -> RetryingS3FileSystem:
