@@ -13,6 +13,7 @@ configuration; then no secret anywhere in MLflow or the job's output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from flaky_proxy import FlakyProxy
@@ -370,8 +372,31 @@ def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
 
 
-def _via_proxy(stack: Stack, proxy: FlakyProxy) -> dict[str, str]:
-    return {**stack.env, "AWS_ENDPOINT_URL": proxy.url}
+@dataclass
+class ProxiedJob:
+    """A training job whose S3 traffic goes through a proxy the test switches off and on."""
+
+    proc: subprocess.Popen
+    proxy: FlakyProxy
+    log: Path
+    output: str = ""
+
+
+@contextlib.contextmanager
+def job_through_proxy(stack: Stack, name: str, command: list[str]) -> Iterator[ProxiedJob]:
+    """Start ``command`` with S3 behind a :class:`FlakyProxy`; on leaving, the proxy is down,
+    the job has ended and its output is in ``job.output`` (and in the stack's outputs)."""
+    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    log = stack.tmp / f"{name}.log"
+    job = ProxiedJob(start_job(stack, command, log, env={**stack.env, "AWS_ENDPOINT_URL": proxy.url}), proxy, log)
+    try:
+        yield job
+    finally:
+        proxy.down()
+        if job.proc.poll() is None:
+            job.proc.kill()
+        job.output = log.read_text()
+        stack.outputs.append(job.output)
 
 
 def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
@@ -380,22 +405,14 @@ def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
     retries that), or every allowed restart falls inside it, the job must stop with a clear
     error naming the storage call, and the same command resume it.
     Either way the history ends complete, every logged epoch with its checkpoint."""
-    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
-    log = stack.tmp / "s3-blip.log"
     command = train_command("s3-blip", "--set", "cluster.checkpoints_to_keep=10", epochs=3, pairs=1024)
-    proc = start_job(stack, command, log, env=_via_proxy(stack, proxy))
-    try:
-        wait_for_epoch(stack, "s3-blip", 1, proc, log)
-        proxy.down()
+    with job_through_proxy(stack, "s3-blip", command) as job:
+        wait_for_epoch(stack, "s3-blip", 1, job.proc, job.log)
+        job.proxy.down()
         time.sleep(8)
-        proxy.up()
-        rc = proc.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        proxy.down()
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
-    stack.outputs.append(output)
+        job.proxy.up()
+        rc = job.proc.wait(timeout=RUN_TIMEOUT_S)
+    output = job.output
     if rc != 0:  # the controller case, or every restart within the outage (see the README's failure table)
         assert "error: training failed" in output, output[-8000:]
         assert "checkpoint_manager_snapshot" in output or "could not read the last checkpoint" in output, output[-8000:]
@@ -412,22 +429,14 @@ def test_object_store_briefly_unavailable_leaves_no_gap(stack: Stack) -> None:
 
 
 def test_object_store_gone_fails_clearly(stack: Stack) -> None:
-    proxy = FlakyProxy(int(stack.env["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
-    log = stack.tmp / "s3-gone.log"
-    proc = start_job(stack, train_command("s3-gone", "--set", "cluster.max_failures=1", epochs=6, pairs=1024),
-                     log, env=_via_proxy(stack, proxy))
-    try:
-        wait_for_epoch(stack, "s3-gone", 0, proc, log)
-        proxy.down()
+    command = train_command("s3-gone", "--set", "cluster.max_failures=1", epochs=6, pairs=1024)
+    with job_through_proxy(stack, "s3-gone", command) as job:
+        wait_for_epoch(stack, "s3-gone", 0, job.proc, job.log)
+        job.proxy.down()
         lost_at = time.monotonic()
-        rc = proc.wait(timeout=RUN_TIMEOUT_S)
+        rc = job.proc.wait(timeout=RUN_TIMEOUT_S)
         failed_after_s = time.monotonic() - lost_at
-    finally:
-        proxy.down()
-        if proc.poll() is None:
-            proc.kill()
-    output = log.read_text()
-    stack.outputs.append(output)
+    output = job.output
     assert rc != 0, output[-5000:]
     assert "error: training failed" in output and f"s3://{BUCKET}/runs" in output, output[-5000:]
     print(f"object store gone: the job failed {failed_after_s:.0f}s later with: "
