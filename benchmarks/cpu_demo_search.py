@@ -38,7 +38,7 @@ import torch
 
 from siamese_core.config import RECIPES, TEST_ONESHOT, OneShotConfig, apply_overrides
 from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, fit, oneshot_trials
-from siamese_core.model import parameter_count
+from siamese_core.model import parameter_count, with_test_time_shift
 from siamese_core.omniglot import LAKE_TEST_ALPHABETS, OmniglotArrays, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,10 @@ def main() -> None:
                  in_batch_negatives=tr.in_batch_negatives)
     model = result.model
     t1 = time.perf_counter()
-    wide = evaluate_oneshot(model, val, oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED))
+    wide_trials = oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED)
+    wide = evaluate_oneshot(model, val, wide_trials)
+    # The same weights and trials scored with 0..3 px test-time shifts (model.test_time_shift_px).
+    by_shift = {n: evaluate_oneshot(with_test_time_shift(model, n), val, wide_trials).accuracy for n in range(4)}
     row = {
         "tag": args.tag, "recipe_name": args.recipe, "device": args.device, "overrides": overrides, "params": parameter_count(model),
         "epochs_run": len(result.history), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
@@ -113,6 +116,8 @@ def main() -> None:
         "train_seconds_per_epoch": float(np.mean([h["train_seconds"] for h in result.history])),
         "val_oneshot_320": result.best_val_oneshot_accuracy,
         "val_oneshot_1600": wide.accuracy,
+        "test_time_shift_px": recipe.model.test_time_shift_px,
+        "val_oneshot_1600_by_test_time_shift": by_shift,
         "val_verification": result.history[result.best_epoch]["val_verification_accuracy"],
     }
     if args.test:
@@ -122,6 +127,7 @@ def main() -> None:
         runs = oneshot_trials(test, TEST_ONESHOT, TEST_SEED)
         res = evaluate_oneshot(model, test, runs)
         row["test_oneshot_400"] = res.accuracy
+        row["test_oneshot_400_single_view"] = evaluate_oneshot(with_test_time_shift(model, 0), test, runs).accuracy
         row["test_per_alphabet"] = res.per_alphabet
     row["eval_seconds"] = time.perf_counter() - t1
     row["total_minutes"] = (time.perf_counter() - t0) / 60

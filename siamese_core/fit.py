@@ -66,13 +66,16 @@ def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -
 @torch.no_grad()
 def embed_images(model: SiameseNet, images: Images, device: torch.device | str | None = None,
                  batch_size: int = 512) -> torch.Tensor:
-    """Embeddings ``[N, D]`` of images (uint8 or float, ``[N,S,S]`` or ``[N,1,S,S]``), eval mode."""
+    """Scoring embeddings ``[N, D]`` of images (uint8 or float, ``[N,S,S]`` or ``[N,1,S,S]``), eval mode.
+
+    ``model.scoring_embed``: with the model's test-time views, if it has any.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images = _as_tensor(images)
     was_training = model.training
     model.eval()
     try:
-        out = [model.embed(to_model_input(images[i:i + batch_size], device))
+        out = [model.scoring_embed(to_model_input(images[i:i + batch_size], device))
                for i in range(0, images.shape[0], batch_size)]
     finally:
         model.train(was_training)

@@ -10,11 +10,17 @@ Design notes (why, not what):
   (the expensive part is the twin, not the head).
 * Layer names (``conv1..conv4``, ``fc``, ``head``) equal
   :data:`siamese_core.config.LAYER_NAMES`; the layer-wise optimizer relies on it.
+* ``scoring_embed`` is what every comparison after training uses (one-shot
+  trials, ``predict``, the served model): the mean embedding over shifted views
+  when ``config.test_time_shift_px`` asks for them. Training uses ``embed``.
 * Input is ``(B, 1, S, S)`` float in ``[0, 1]`` with ink = 1.0 and background
   = 0.0 (so zero padding in distortions is background).
 """
 
 from __future__ import annotations
+
+import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -66,6 +72,17 @@ class SiameseNet(nn.Module):
         # the same order as a contiguous model: weights are interchangeable.
         return torch.sigmoid(self.fc(self.features(x).reshape(x.shape[0], -1)))
 
+    def scoring_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding images are compared by: ``embed``, averaged over the test-time views.
+
+        Views run one at a time, so memory stays that of one ``embed`` call.
+        """
+        offsets = shift_offsets(self.config.test_time_shift_px)
+        total = self.embed(x)
+        for dx, dy in offsets[1:]:
+            total = total + self.embed(shift_images(x, dx, dy))
+        return total / len(offsets)
+
     def head_logits(self, h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
         """Logits ``(B,)`` of "same class" from the component-wise L1 distance."""
         return self.head(torch.abs(h1 - h2)).squeeze(-1)
@@ -88,8 +105,11 @@ class SiameseNet(nn.Module):
         return logits, self.head_logits(h[pairings[0]], h[pairings[1]])
 
     def similarity(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """The paper's ``p`` in (0, 1): probability that the two images share a class."""
-        return torch.sigmoid(self.forward(x1, x2))
+        """The paper's ``p`` in (0, 1): probability that the two images share a class
+        (scored on ``scoring_embed``, so with the test-time views when configured)."""
+        h = self.scoring_embed(torch.cat([x1, x2], dim=0))
+        h1, h2 = h.split([x1.shape[0], x2.shape[0]], dim=0)
+        return torch.sigmoid(self.head_logits(h1, h2))
 
     def pairwise_logits(self, h_queries: torch.Tensor, h_support: torch.Tensor,
                         max_elements: int = 1 << 24) -> torch.Tensor:
@@ -103,6 +123,36 @@ class SiameseNet(nn.Module):
         rows = [self.head_logits(h_queries[i:i + step, None, :], h_support[None, :, :])
                 for i in range(0, q, step)]
         return torch.cat(rows, dim=0) if rows else h_queries.new_zeros((0, s))
+
+
+def with_test_time_shift(model: SiameseNet, shift_px: int) -> SiameseNet:
+    """The same network (parameters shared, not copied) scoring with other test-time views.
+
+    Why: to report the paper's single-view accuracy beside the configured one, or to
+    override a trained model's views, without a second copy of the weights.
+    Raises ConfigError for an invalid ``shift_px``.
+    """
+    viewed = copy.copy(model)  # a shallow copy: the parameter tensors are the model's own
+    viewed.config = dataclasses.replace(model.config, test_time_shift_px=shift_px)
+    return viewed
+
+
+def shift_offsets(max_px: int) -> list[tuple[int, int]]:
+    """``(dx, dy)`` of the test-time views: ``(0, 0)`` first, then 1..max_px in four directions."""
+    offsets = [(0, 0)]
+    for d in range(1, max_px + 1):
+        offsets += [(d, 0), (-d, 0), (0, d), (0, -d)]
+    return offsets
+
+
+def shift_images(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``(B,1,S,S)`` images moved ``dx`` pixels right and ``dy`` down; background (0) fills in."""
+    pad = max(abs(dx), abs(dy))
+    if pad == 0:
+        return x
+    size_y, size_x = x.shape[-2], x.shape[-1]
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    return padded[..., pad - dy:pad - dy + size_y, pad - dx:pad - dx + size_x]
 
 
 _KOCH = ModelConfig()  # the paper's network, reference for fan-in scaling

@@ -6,6 +6,7 @@ each = 80 one-shot trials) and a throwaway MLflow SQLite store per test.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from siamese_core import checkpoint
-from siamese_core.model import build_model
+from siamese_core.fit import evaluate_oneshot
+from siamese_core.model import build_model, with_test_time_shift
 from workflows import evaluate, tracking
 
 pytestmark = pytest.mark.integration
@@ -84,6 +86,33 @@ def test_checkpoint_and_registered_model_score_the_same(small_shards, store, tmp
     np.testing.assert_array_equal(a.predicted, b.predicted)
     assert a.trials == b.trials == TRIALS
     assert a.accuracy == accuracies[0]
+
+
+def test_test_time_views_travel_with_the_checkpoint_and_can_be_overridden(small_shards, tmp_path, capsys):
+    plain = build_model("cpu-small", seed=3)
+    viewed_model = with_test_time_shift(plain, 2)
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    checkpoint.save(ckpt, viewed_model)
+    request = evaluate.EvaluationRequest(data=small_shards, model=str(ckpt))
+    viewed = evaluate.evaluate(request)
+    single = evaluate.evaluate(dataclasses.replace(request, test_time_shift_px=0))
+    assert (viewed.test_time_shift_px, single.test_time_shift_px) == (2, 0)
+    np.testing.assert_array_equal(
+        viewed.result.predicted, evaluate_oneshot(viewed_model, viewed.arrays, viewed.runs).predicted)
+    np.testing.assert_array_equal(
+        single.result.predicted, evaluate_oneshot(plain, single.arrays, single.runs).predicted)
+    assert not np.array_equal(viewed.result.predicted, single.result.predicted)  # the views change choices
+
+    assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow"]) == 0
+    assert "mean embedding over shifts of up to 2 px" in capsys.readouterr().out
+    assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow",
+                          "--test-time-shift-px", "0"]) == 0
+    assert "shifts" not in capsys.readouterr().out
+    assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow",
+                          "--test-time-shift-px", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "--test-time-shift-px" in err and "model.test_time_shift_px must be an integer in [0, 17)" in err
 
 
 def test_pixel_baseline_beats_chance(small_shards, store, capsys):

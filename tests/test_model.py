@@ -7,7 +7,7 @@ import torch
 
 from siamese_core.config import LAYER_NAMES, ModelConfig
 from siamese_core.model import (SiameseNet, build_model, place_model, init_kaiming_weights, init_paper_weights, init_weights,
-                                 layer_shapes, parameter_count)
+                                 layer_shapes, parameter_count, shift_images, shift_offsets)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,36 @@ def test_batch_norm_option_adds_norms_that_train_with_their_conv() -> None:
     normed.eval()  # eval uses the running statistics: a pair's score does not depend on its batch
     assert torch.allclose(normed(x[:1], x[3:4]), normed(x[:3], x[3:])[:1], atol=1e-6)
     assert layer_shapes(normed) == layer_shapes(plain)
+
+
+def test_shift_images_moves_content_and_fills_background() -> None:
+    x = torch.zeros(2, 1, 6, 6)
+    x[0, 0, 2, 3] = 1.0  # row (y) 2, column (x) 3
+    x[1, 0, 0, 0] = 0.5
+    right_down = shift_images(x, 2, 1)
+    assert right_down[0, 0, 3, 5] == 1.0 and right_down[0].sum() == 1.0
+    assert right_down[1, 0, 1, 2] == 0.5 and right_down[1].sum() == 0.5
+    left_up = shift_images(x, -1, -2)
+    assert left_up[0, 0, 0, 2] == 1.0 and left_up[0].sum() == 1.0
+    assert left_up[1].sum() == 0.0  # moved out of the frame, nothing wraps around
+    assert torch.equal(shift_images(x, 0, 0), x)
+    assert shift_offsets(0) == [(0, 0)]
+    assert shift_offsets(2) == [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (2, 0), (-2, 0), (0, 2), (0, -2)]
+
+
+def test_scoring_embed_is_the_mean_over_test_time_views(small: SiameseNet) -> None:
+    s = small.config.input_size
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.rand(4, 1, s, s, generator=g), torch.rand(4, 1, s, s, generator=g)
+    with torch.no_grad():
+        assert torch.equal(small.scoring_embed(x1), small.embed(x1))  # the preset: one view
+        viewed = SiameseNet(ModelConfig.from_preset("cpu-small", test_time_shift_px=2))
+        viewed.load_state_dict(small.state_dict())
+        views = [viewed.embed(shift_images(x1, dx, dy)) for dx, dy in shift_offsets(2)]
+        expected = torch.stack(views).mean(0)
+        assert torch.allclose(viewed.scoring_embed(x1), expected, atol=1e-6)
+        assert not torch.allclose(expected, viewed.embed(x1), atol=1e-4)  # the views matter
+        # training's forward keeps one view; similarity (served, predict) compares scoring embeddings
+        assert torch.allclose(viewed(x1, x2), small(x1, x2))
+        p = viewed.similarity(x1, x2)
+        assert torch.allclose(p, torch.sigmoid(viewed.head_logits(expected, viewed.scoring_embed(x2))), atol=1e-6)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from siamese_core import checkpoint
 from siamese_core.config import ModelConfig
-from siamese_core.model import build_model
+from siamese_core.model import build_model, with_test_time_shift
 from siamese_core.omniglot import arrays_from_rows, decode_image, decode_png, quantize
 from workflows import predict
 
@@ -173,6 +173,24 @@ def test_predict_csv_matches_pairwise_similarity(model, model_dir, folders, pngs
         best = max(per_class, key=per_class.get)
         assert row["predicted"] == best, (row, per_class)
         assert score == pytest.approx(per_class[best], abs=1e-5)
+
+
+def test_test_time_views_can_be_asked_for(model, model_dir, folders, pngs, capsys):
+    support, query = folders
+    code, out, err = _run(["--model", model_dir, "--support", support, "--query", query,
+                           "--test-time-shift-px", "1"], capsys)
+    assert code == 0, err
+    rows = _rows(out)
+    viewed = with_test_time_shift(model, 1)
+    direct = _direct_scores(viewed, [query / r["query"] for r in rows], _support_files(support))
+    plain = _direct_scores(model, [query / r["query"] for r in rows], _support_files(support))
+    assert direct != plain  # the views change the scores
+    for row, per_class in zip(rows, direct):
+        best = max(per_class, key=per_class.get)
+        assert row["predicted"] == best and float(row["score"]) == pytest.approx(per_class[best], abs=1e-5)
+    code, _, err = _run(["--model", model_dir, "--support", support, "--query", query,
+                         "--test-time-shift-px", "-1"], capsys)
+    assert code == 2 and "model.test_time_shift_px must be" in err
 
 
 def test_exact_copies_in_any_format_are_recognised(model, folders, model_dir, pngs, capsys):

@@ -56,6 +56,9 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     # 2 test alphabets x 2 runs x 20 queries, scored once from the best checkpoint.
     assert summary["test_trials"] == 80
     assert run.data.metrics["test_oneshot_accuracy"] == pytest.approx(summary["test_accuracy"])
+    # the demo recipe scores with test-time shifts and also reports the paper's single view
+    assert run.data.params["model.test_time_shift_px"] == "2" == str(summary["test_time_shift_px"])
+    assert run.data.metrics["test_oneshot_accuracy_single_view"] == pytest.approx(summary["test_accuracy_single_view"])
     assert {"test_oneshot_accuracy.Atlantean", "test_oneshot_accuracy.Tengwar"} <= set(run.data.metrics)
     best = max(history, key=lambda m: (m.value, -m.step))
     assert summary["best_epoch"] == best.step
@@ -73,6 +76,9 @@ def test_registered_model_is_the_best_checkpoint(trained) -> None:
     assert ckpt_io.load_payload(summary["checkpoint"])["epoch"] == summary["best_epoch"]
     x = torch.rand(3, 1, cfg.model.input_size, cfg.model.input_size)
     torch.testing.assert_close(registered.embed(x), from_checkpoint.embed(x))
+    # the test-time views travel with the model: predict and evaluate score as training did
+    assert registered.config.test_time_shift_px == from_checkpoint.config.test_time_shift_px == 2
+    torch.testing.assert_close(registered.scoring_embed(x), from_checkpoint.scoring_embed(x))
 
 
 def test_missing_data_fails_before_ray(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ class EvaluationRequest:
     runs_per_alphabet: int = 2
     endpoint_url: str | None = None
     tracking_uri: str | None = None  # MLflow store a models:/ or runs:/ model is loaded from
+    test_time_shift_px: int | None = None  # None: the model's own test-time views
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Evaluation:
     result: OneShotResult
     arrays: OmniglotArrays
     runs: list
+    test_time_shift_px: int = 0  # the model's test-time views the result was scored with
 
 
 def load_split_arrays(data: str, split: str, endpoint_url: str | None = None,
@@ -65,7 +67,7 @@ def evaluate_model(model: Any, data: str, split: str = "test", seed: int = 0,
     net = unwrap(model)
     arrays = load_split_arrays(data, split, endpoint_url, size=net.config.input_size)
     runs = oneshot_trials(arrays, cfg, seed)
-    return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs)
+    return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs, net.config.test_time_shift_px)
 
 
 def evaluate(request: EvaluationRequest) -> Evaluation:
@@ -77,7 +79,8 @@ def evaluate(request: EvaluationRequest) -> Evaluation:
         return Evaluation(score_runs(runs, pixel_nearest_neighbour(arrays.as_float())), arrays, runs)
     from workflows.models import load_any
 
-    model = load_any(request.model, request.endpoint_url, tracking_uri=request.tracking_uri)
+    model = load_any(request.model, request.endpoint_url, tracking_uri=request.tracking_uri,
+                     test_time_shift_px=request.test_time_shift_px)
     return evaluate_model(model, request.data, request.split, request.seed, request.endpoint_url, cfg)
 
 
@@ -96,13 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI: where a models:/ or runs:/ --model is loaded from and "
                              "where the result is recorded (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
+                        help="score with the mean embedding over N-pixel shifts (0: one view, the paper's "
+                             "protocol; default: what the model was trained with, model.test_time_shift_px)")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
     args = parser.parse_args(argv)
 
     request = EvaluationRequest(data=args.data, split=args.split, model=args.model, seed=args.seed,
                                 n_way=args.n_way, runs_per_alphabet=args.runs_per_alphabet,
-                                endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri)
+                                endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri,
+                                test_time_shift_px=args.test_time_shift_px)
     from workflows.models import ModelLoadError
     from workflows.storage import StorageError
 
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluation.result
     elapsed = time.perf_counter() - started
     protocol = f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"
+    if evaluation.test_time_shift_px:
+        protocol += f", mean embedding over shifts of up to {evaluation.test_time_shift_px} px"
     print(f"{request.model} on {request.split}: {result.accuracy:.2%} "
           f"({result.correct}/{result.trials} trials, {protocol}, seed {request.seed}) in {elapsed:.1f}s")
     for alphabet, accuracy in sorted(result.per_alphabet.items()):
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
             mlflow.log_params({"model": request.model, "split": request.split, "seed": request.seed,
                                "n_way": request.n_way, "runs_per_alphabet": request.runs_per_alphabet,
-                               "protocol": protocol, "data": request.data})
+                               "protocol": protocol, "data": request.data,
+                               "test_time_shift_px": evaluation.test_time_shift_px})
             tracking.log_oneshot(result, request.split)
             tracking.log_oneshot_figures(evaluation, request.split)
         print(f"Recorded in MLflow run {run.info.run_id} at {uri}")

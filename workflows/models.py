@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from siamese_core import checkpoint as ckpt_io
-from siamese_core.model import SiameseNet
+from siamese_core.config import ConfigError
+from siamese_core.model import SiameseNet, with_test_time_shift
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
 
@@ -23,10 +24,15 @@ class ModelLoadError(Exception):
     """``--model`` names nothing loadable; the message says what was tried and what to give instead."""
 
 
-def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | None = None) -> SiameseNet:
-    """The network named by ``spec``, in eval mode on the CPU; :class:`ModelLoadError` if there is none."""
+def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | None = None,
+             test_time_shift_px: int | None = None) -> SiameseNet:
+    """The network named by ``spec``, in eval mode on the CPU; :class:`ModelLoadError` if there is none.
+
+    ``test_time_shift_px`` replaces the model's own test-time views (0: the paper's single view;
+    None: keep what the model was trained with).
+    """
     try:
-        return _load(spec, endpoint_url, tracking_uri)
+        net = _load(spec, endpoint_url, tracking_uri)
     except (OSError, ValueError, RuntimeError) as exc:  # StorageError is a RuntimeError
         raise ModelLoadError(f"cannot load --model {spec}: {exc}") from exc
     except Exception as exc:
@@ -34,6 +40,12 @@ def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | Non
         if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
             raise ModelLoadError(f"cannot load --model {spec} from MLflow: {exc}") from exc
         raise
+    if test_time_shift_px is not None:
+        try:
+            net = with_test_time_shift(net, test_time_shift_px)
+        except ConfigError as exc:
+            raise ModelLoadError(f"--test-time-shift-px: {exc}") from exc
+    return net
 
 
 def _load(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> SiameseNet:

@@ -198,11 +198,13 @@ def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> None:
         writer.writerow([p.query, p.predicted, f"{p.score:.6f}"])
 
 
-def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> Any:
+def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None,
+                test_time_shift_px: int | None = None) -> Any:
     from workflows.models import ModelLoadError, load_any
 
     try:
-        return load_any(spec, endpoint_url=endpoint_url, tracking_uri=tracking_uri)
+        return load_any(spec, endpoint_url=endpoint_url, tracking_uri=tracking_uri,
+                        test_time_shift_px=test_time_shift_px)
     except ModelLoadError as exc:
         raise PredictError(str(exc)) from exc
 
@@ -221,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                              "or ./mlflow.db)")
     parser.add_argument("--output", default=None, help="write the CSV to this file instead of stdout")
     parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch")
+    parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
+                        help="compare images by their mean embedding over N-pixel shifts (0: one view, as in the "
+                             "paper; default: what the model was trained with, model.test_time_shift_px)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         # Cheap checks first: a typo in a folder should not wait for the model to load.
         support = read_support(args.support)
         queries = read_queries(args.query)
-        model = _load_model(args.model, args.endpoint_url, args.tracking_uri)
+        model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px)
         if len(support.classes) == 1:
             print(f"warning: support folder {args.support} has a single class "
                   f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
