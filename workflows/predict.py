@@ -25,8 +25,9 @@ mode and format (PNG, JPEG, BMP, GIF, TIFF, WebP, ...): each goes through the
 model's own preprocessing (:func:`siamese_core.omniglot.decode_image`:
 grayscale, resize to the model's input size, invert so ink = 1, 8-bit
 quantisation), exactly as in training and evaluation. Dark strokes on a light
-background are expected, as in Omniglot. Every image is embedded once; all
-query/support pairs are scored from the embeddings.
+background are expected, as in Omniglot. Every image is embedded once (as the
+mean over the model's test-time views, ``model.test_time_shift_px``, when it has
+them); all query/support pairs are scored from the embeddings.
 
 Exit status 2, with a message naming the file or folder, when a folder is
 missing or holds no images, an image cannot be decoded, two support entries
