@@ -107,9 +107,7 @@ class SiameseNet(nn.Module):
     def similarity(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """The paper's ``p`` in (0, 1): probability that the two images share a class
         (scored on ``scoring_embed``, so with the test-time views when configured)."""
-        h = self.scoring_embed(torch.cat([x1, x2], dim=0))
-        h1, h2 = h.split([x1.shape[0], x2.shape[0]], dim=0)
-        return torch.sigmoid(self.head_logits(h1, h2))
+        return torch.sigmoid(self.head_logits(self.scoring_embed(x1), self.scoring_embed(x2)))
 
     def pairwise_logits(self, h_queries: torch.Tensor, h_support: torch.Tensor,
                         max_elements: int = 1 << 24) -> torch.Tensor:

@@ -48,6 +48,13 @@ class Evaluation:
     test_time_shift_px: int = 0  # the model's test-time views the result was scored with
 
 
+def views_description(test_time_shift_px: int) -> str:
+    """How a result was scored, for the printed protocol: "" for the paper's single view."""
+    if not test_time_shift_px:
+        return ""
+    return f", mean embedding over shifts of up to {test_time_shift_px} px"
+
+
 def load_split_arrays(data: str, split: str, endpoint_url: str | None = None,
                       size: int | None = None) -> OmniglotArrays:
     """Decode one split of the shards into arrays (plain pyarrow, no Ray), resized to ``size``."""
@@ -121,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = evaluation.result
     elapsed = time.perf_counter() - started
-    protocol = f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"
-    if evaluation.test_time_shift_px:
-        protocol += f", mean embedding over shifts of up to {evaluation.test_time_shift_px} px"
+    protocol = (f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"
+                + views_description(evaluation.test_time_shift_px))
     print(f"{request.model} on {request.split}: {result.accuracy:.2%} "
           f"({result.correct}/{result.trials} trials, {protocol}, seed {request.seed}) in {elapsed:.1f}s")
     for alphabet, accuracy in sorted(result.per_alphabet.items()):

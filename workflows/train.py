@@ -317,7 +317,7 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if "val_oneshot_accuracy" in m]
     if not candidates:
         raise RuntimeError("training produced no checkpoint with validation metrics")
-    return max(candidates, key=lambda cm: (cm[1]["val_oneshot_accuracy"], -cm[1]["epoch"]))
+    return max(candidates, key=lambda cm: checkpoint_rank(cm[1]["val_oneshot_accuracy"], cm[1]["epoch"]))
 
 
 def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -442,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(training_failure_message(cfg, exc), file=sys.stderr)
         return 1
-    views = ""
+    from workflows.evaluate import views_description
+
+    views = views_description(summary["test_time_shift_px"])
     if summary["test_accuracy_single_view"] is not None:
-        views = (f", mean embedding over shifts of up to {summary['test_time_shift_px']} px; "
-                 f"one view, as in the paper: {summary['test_accuracy_single_view']:.2%}")
+        views += f"; one view, as in the paper: {summary['test_accuracy_single_view']:.2%}"
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
           f"{summary['test_trials']} trials, 20-way within-alphabet, Lake's 10 test alphabets{views}); "
           f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}), "
