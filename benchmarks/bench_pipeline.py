@@ -13,7 +13,10 @@ and distorted copies, trained side by side in one run:
   (``EpochStream`` with the same chunk and shuffle buffer -> ``expand_copies`` ->
   ``iter_steps`` -> ``train_step``); no validation or checkpoints.
 
-Only the training part of each epoch is timed on both sides. The plain loop
+Only the training part of each epoch is timed on both sides. During the pipeline's
+steady epochs the benchmark also samples every process's CPU time (``CpuShares``) and
+prints how many of the cores went to the Train worker, the pair stage, Ray's other
+processes and everything else. The plain loop
 runs before and after the pipeline (the mean is the reference), which cancels
 slow drift in a shared machine's speed. For the pipeline the benchmark also
 splits each epoch into time-to-first-batch (epoch 0: Ray Data starting, the
@@ -234,7 +237,8 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += time.perf_counter() - ts
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
-                        "wait_s": wait, "step_s": step, "side": "pipeline"})
+                        "wait_s": wait, "step_s": step, "side": "pipeline", "pid": os.getpid(),
+                        "wall_end": time.time(), "wall_start": time.time() - seconds})
         # Ray Train (v2) keeps only checkpointed reports in the Result: hand the figures over in a file.
         Path(loop_config["history_path"]).write_text(json.dumps(history))
         ray.train.report({"epoch": epoch})
@@ -282,6 +286,89 @@ def rate(epochs: list[dict[str, float]]) -> float:
     return sum(e["rows"] for e in epochs) / sum(e["train_seconds"] for e in epochs)
 
 
+DATA_STAGE_TITLES = ("ShardPairs", "ReadParquet", "MapBatches", "ReadFiles")
+"""Process-title fragments of the pair stage's and read's Ray Data tasks."""
+
+
+class CpuShares(threading.Thread):
+    """Samples every process's CPU seconds and title about once a second, to say afterwards
+    which processes used the cores during the pipeline's steady epochs.
+
+    Why: the pipeline's steps run slower than the plain loop's although no batch is waited
+    for; this shows whether the cores went to the pair stage or to Ray's own processes.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self.titles: dict[int, set[str]] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil  # Ray ships it (ray/thirdparty_files) and puts it on the path
+
+        while not self.stop.is_set():
+            snap: dict[int, tuple[str, float]] = {}
+            for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+                try:
+                    title = " ".join(proc.info["cmdline"] or []).strip()[:100]
+                    times = proc.info["cpu_times"]
+                    if times is None:
+                        continue
+                    snap[proc.pid] = (title, times.user + times.system)
+                    self.titles.setdefault(proc.pid, set()).add(title)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append((time.time(), snap))
+            self.stop.wait(self.interval)
+
+    def group(self, pid: int, trainer_pid: int) -> str:
+        titles = " | ".join(sorted(self.titles.get(pid, ())))
+        if pid == trainer_pid:
+            return "Train worker"
+        if pid == os.getpid():
+            return "benchmark driver"
+        if any(marker in titles for marker in DATA_STAGE_TITLES):
+            return "pair stage + read tasks"
+        if "ray::" in titles or "/ray/" in titles or "raylet" in titles or "gcs_server" in titles:
+            return "Ray's other processes"
+        return "outside Ray"
+
+    def shares(self, start: float, end: float, trainer_pid: int) -> dict[str, Any]:
+        """Cores used per group (and per process, top 8) between two wall-clock times."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (ta, first), (tb, last) = inside[0], inside[-1]
+        seconds = tb - ta
+        groups: dict[str, float] = {}
+        per_process: dict[str, float] = {}
+        for pid, (title, cpu) in last.items():
+            used = (cpu - first.get(pid, (title, 0.0))[1]) / seconds
+            if used <= 0:
+                continue
+            name = self.group(pid, trainer_pid)
+            groups[name] = groups.get(name, 0.0) + used
+            per_process[f"{pid} {title[:60]}"] = used
+        top = dict(sorted(per_process.items(), key=lambda kv: -kv[1])[:8])
+        ray_processes = sum(1 for pid in last if self.group(pid, trainer_pid) == "Ray's other processes")
+        return {"seconds": seconds, "cores": os.cpu_count(), "groups": groups, "top_processes": top,
+                "ray_other_process_count": ray_processes}
+
+
+def print_cpu_shares(shares: dict[str, Any]) -> None:
+    if not shares:
+        print("cores during steady pipeline epochs: too few samples")
+        return
+    used = sum(shares["groups"].values())
+    parts = ", ".join(f"{name} {cores:.2f}" for name, cores in sorted(shares["groups"].items(), key=lambda kv: -kv[1]))
+    print(f"cores during steady pipeline epochs ({shares['seconds']:.0f}s, {shares['cores']} cores): {parts}; "
+          f"idle {max(0.0, shares['cores'] - used):.2f} ({shares['ray_other_process_count']} other Ray processes)")
+    print("  busiest processes: " + "; ".join(f"{name.split(' ', 1)[1] or name} {cores:.3f}"
+                                             for name, cores in shares["top_processes"].items()))
+
+
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -307,10 +394,14 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     init_ray()  # first, so both loops run beside the same idle Ray processes
     before = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "before")
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
+    cpu = CpuShares()
+    cpu.start()
     try:
         pipe, wall = pipeline_epochs(cfg, overrides, storage_dir)
+        cpu.stop.set()
         after = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "after")
     finally:
+        cpu.stop.set()
         ray.shutdown()
         shutil.rmtree(storage_dir, ignore_errors=True)
 
@@ -330,6 +421,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
                                                             for e in pipe[steady])
     plain_step = plain_steady
     pipe_step = sum(e["rows"] for e in pipe[steady]) / sum(steps[steady])
+    shares = cpu.shares(pipe[steady][0]["wall_start"], pipe[-1]["wall_end"], int(pipe[-1]["pid"]))
     summary = {
         "preset": args.preset, "pairs_per_epoch": args.pairs, "copies": args.copies, "threads": args.threads,
         "batch": args.batch, "epochs": args.epochs,
@@ -343,6 +435,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "later_waits_s_per_epoch": statistics.mean(waits[steady]),
         "pipeline_steady_without_restart_pairs_per_s": no_restart,
         "pipeline_step_only_pairs_per_s": pipe_step, "trainer_fit_wall_s": wall,
+        "steady_cpu_shares": shares,
     }
     print("-- result (training steps only; validation excluded on both sides)")
     print(f"plain loop    : {plain_all:8.0f} pairs/s  (before {rate(before):.0f}, after {rate(after):.0f})")
@@ -357,7 +450,8 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
           f"later waits {statistics.mean(waits):.2f}s/epoch; steps {statistics.mean(steps):.2f}s/epoch")
     print(f"pipeline steady rate without the per-epoch restart: {no_restart:.0f} pairs/s "
           f"(ratio {no_restart / plain_steady:.3f}); inside train steps only: {pipe_step:.0f} pairs/s "
-          f"(ratio {pipe_step / plain_step:.3f}: CPU taken by the data stage while steps run)")
+          f"(ratio {pipe_step / plain_step:.3f}: cores taken from the steps by other processes, below)")
+    print_cpu_shares(shares)
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
     return summary
