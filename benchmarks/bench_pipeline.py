@@ -122,7 +122,7 @@ def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epo
     from siamese_core.train_step import train_step
 
     arrays = setup["arrays"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     apply_epoch_schedule(optimizer, cfg.optim, epoch)
     pairs = sample_pairs(arrays.alphabet, arrays.character, setup["pair_cfg"], cfg.training.seed, epoch,
                          drawer=arrays.drawer, negatives=cfg.training.negatives)
@@ -133,7 +133,8 @@ def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epo
         train_step(model, optimizer, left, right, same, mask, setup["distort_cfg"], generator,
                    in_batch_negatives=cfg.training.in_batch_negatives)
         rows += left.shape[0]
-    return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": rows}
+    return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": rows,
+            "cpu_seconds": time.process_time() - c0}
 
 
 def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
@@ -422,6 +423,8 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     plain_step = plain_steady
     pipe_step = sum(e["rows"] for e in pipe[steady]) / sum(steps[steady])
     shares = cpu.shares(pipe[steady][0]["wall_start"], pipe[-1]["wall_end"], int(pipe[-1]["pid"]))
+    plain_cores = (sum(e["cpu_seconds"] for side in (before, after) for e in side[steady])
+                   / sum(e["train_seconds"] for side in (before, after) for e in side[steady]))
     summary = {
         "preset": args.preset, "pairs_per_epoch": args.pairs, "copies": args.copies, "threads": args.threads,
         "batch": args.batch, "epochs": args.epochs,
@@ -435,7 +438,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
         "later_waits_s_per_epoch": statistics.mean(waits[steady]),
         "pipeline_steady_without_restart_pairs_per_s": no_restart,
         "pipeline_step_only_pairs_per_s": pipe_step, "trainer_fit_wall_s": wall,
-        "steady_cpu_shares": shares,
+        "steady_cpu_shares": shares, "plain_steady_cores": plain_cores,
     }
     print("-- result (training steps only; validation excluded on both sides)")
     print(f"plain loop    : {plain_all:8.0f} pairs/s  (before {rate(before):.0f}, after {rate(after):.0f})")
@@ -452,6 +455,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
           f"(ratio {no_restart / plain_steady:.3f}); inside train steps only: {pipe_step:.0f} pairs/s "
           f"(ratio {pipe_step / plain_step:.3f}: cores taken from the steps by other processes, below)")
     print_cpu_shares(shares)
+    print(f"  the plain loop's process, steady epochs: {plain_cores:.2f} cores")
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
     return summary
