@@ -691,9 +691,11 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from siamese_core.config import MODEL_PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT / "data" / "omniglot-shards"))
-    parser.add_argument("--preset", default="cpu-small", choices=["cpu-small", "koch"])
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--pairs", type=int, default=6000, help="pairs per epoch (before copies)")
     parser.add_argument("--copies", type=int, default=1, help="distorted copies per pair (demo: 1, paper: 8)")
     parser.add_argument("--batch", type=int, default=128)

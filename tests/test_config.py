@@ -11,7 +11,7 @@ from workflows import config as job_config
 
 
 def test_demo_recipe_uses_cpu_preset_and_paper_recipe_koch() -> None:
-    assert job_config.build("demo").model.preset == "cpu-small"
+    assert job_config.build("demo").model.preset == "cpu-medium"
     assert job_config.build("paper").model.preset == "koch"
     with pytest.raises(ConfigError, match="unknown recipe"):
         job_config.build("nope")

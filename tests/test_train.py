@@ -43,7 +43,7 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert [r.info.run_id for r in runs] == [summary["run_id"]]  # 2 workers, one run
     run = runs[0]
     assert run.data.params["cluster.workers"] == "2"
-    assert run.data.params["model.preset"] == "cpu-small"
+    assert run.data.params["model.preset"] == "cpu-medium"
     assert float(run.data.params["optim.lr"]) == cfg.optim.lr
     history = client.get_metric_history(run.info.run_id, "val_oneshot_accuracy")
     assert sorted(m.step for m in history) == [0, 1]
