@@ -102,8 +102,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "cpu-small": ModelConfig(preset="cpu-small", input_size=35, channels=(16, 32, 32, 64),
                              kernels=(3, 3, 2, 2), embedding_dim=256, init="kaiming"),
     # cpu-small at 1.5x the channels and embedding (186,673 parameters, ~1.5x the time per
-    # pair): the CPU demo's net. In the demo's 480 s it gets ~45-53 epochs on 2 quiet cores
-    # and scores about a point higher on validation than cpu-small (DEMO_DEFAULTS).
+    # pair): the CPU demo's net. In the demo's 480 s it got 53-54 epochs in the plain loop
+    # and 42-46 in `make demo` on 2 cores, and scored about a point higher on validation
+    # than cpu-small, not on the test trials (DEMO_DEFAULTS, README).
     "cpu-medium": ModelConfig(preset="cpu-medium", input_size=35, channels=(24, 48, 48, 96),
                               kernels=(3, 3, 2, 2), embedding_dim=384, init="kaiming"),
 }
@@ -384,7 +385,9 @@ average of its weights). cpu-medium (1.5x the channels, ~1.5x the time per pair)
 "c24_e384_views_480s*"): about a point more, the std of one figure. Patience 40 instead
 of the paper's 20: an epoch here is 10,000 pairs, the paper's 270,000 rows, and with 20
 a cpu-small run in 480 s on a fast day stopped at epoch 38 on a lucky early peak of the
-320 noisy trials (best epoch 18: 74.1% on 1,600; tag "recipe_views_480s")."""
+320 noisy trials (best epoch 18: 74.1% on 1,600; tag "recipe_views_480s"). On the test
+trials the point did not show: four `make demo` runs gave 79.00-80.50% (mean 79.69%),
+five cpu-small runs 78.75-81.00% (mean 79.65%)."""
 
 RECIPES: dict[str, TrainingRecipe] = {
     "demo": DEMO_DEFAULTS,
