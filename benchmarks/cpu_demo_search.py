@@ -101,15 +101,19 @@ def main() -> None:
                  epochs=tr.epochs, patience=tr.patience, batch_size=tr.batch_size, seed=tr.seed,
                  device=args.device, log=lambda m: print(m, flush=True), time_budget_s=tr.time_budget_s,
                  negatives=tr.negatives, fan_in_scaled=tr.fan_in_scaled,
-                 in_batch_negatives=tr.in_batch_negatives)
+                 in_batch_negatives=tr.in_batch_negatives, validation_views=tr.validation_views)
     model = result.model
     t1 = time.perf_counter()
     wide_trials = oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED)
-    # The same weights and trials scored with 0..3 px test-time shifts and with the recipe's own
-    # (model.test_time_shift_px), which is the row's val_oneshot_1600.
-    own_shift = recipe.model.test_time_shift_px
+    # The same weights and trials scored with 0..3 px test-time shifts in the recipe's pattern
+    # (model.test_time_views) and with its own shift, which is the row's val_oneshot_1600;
+    # and with the other pattern, for comparison.
+    own_shift, own_views = recipe.model.test_time_shift_px, recipe.model.test_time_views
     by_shift = {n: evaluate_oneshot(with_test_time_shift(model, n), val, wide_trials).accuracy
                 for n in sorted({0, 1, 2, 3, own_shift})}
+    other_views = "cross" if own_views == "square" else "square"
+    by_other = {n: evaluate_oneshot(with_test_time_shift(model, n, other_views), val, wide_trials).accuracy
+                for n in (1, 2, 3)}
     row = {
         "tag": args.tag, "recipe_name": args.recipe, "device": args.device, "overrides": overrides, "params": parameter_count(model),
         "epochs_run": len(result.history), "best_epoch": result.best_epoch, "stop_reason": result.stop_reason,
@@ -119,7 +123,9 @@ def main() -> None:
         "val_oneshot_320": result.best_val_oneshot_accuracy,
         "val_oneshot_1600": by_shift[own_shift],
         "test_time_shift_px": own_shift,
+        "test_time_views": own_views,
         "val_oneshot_1600_by_test_time_shift": by_shift,
+        f"val_oneshot_1600_{other_views}_views_by_shift": by_other,
         "val_verification": result.history[result.best_epoch]["val_verification_accuracy"],
     }
     if args.test:

@@ -31,7 +31,7 @@ import torch
 
 from .config import (VALIDATION_ONESHOT, DistortionConfig, ModelConfig, OneShotConfig,
                      OptimizerConfig, PairConfig)
-from .model import SiameseNet, init_weights, place_model
+from .model import SiameseNet, init_weights, place_model, with_test_time_shift
 from .omniglot import OmniglotArrays
 from .oneshot import OneShotResult, OneShotRun, ScoreFn, make_trials, score_runs
 from .optim import apply_epoch_schedule, build_optimizer
@@ -127,6 +127,19 @@ def evaluate_oneshot(model: SiameseNet, arrays: OmniglotArrays | Images, runs: S
     """Score one-shot ``runs`` (row indices into ``arrays``) with the model's similarity."""
     images = arrays.images if isinstance(arrays, OmniglotArrays) else arrays
     return score_runs(runs, embedding_score_fn(model, images, device, batch_size, rows=runs_rows(runs)))
+
+
+def validation_model(model: SiameseNet, validation_views: str) -> SiameseNet:
+    """The model as the per-epoch validation scores it: with its own views ("model") or one ("single").
+
+    Why "single": selection only needs to rank epochs, and the final scores use the model's
+    views anyway; 49 views per image cost about half a demo epoch on 2 cores.
+    """
+    if validation_views == "model" or not model.config.test_time_shift_px:
+        return model
+    if validation_views != "single":
+        raise ValueError(f"validation_views must be 'model' or 'single', got {validation_views!r}")
+    return with_test_time_shift(model, 0)
 
 
 def oneshot_trials(arrays: OmniglotArrays, cfg: OneShotConfig = VALIDATION_ONESHOT,
@@ -248,7 +261,8 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
         time_budget_s: float | None = None, *, negatives: Negatives = "same_alphabet",
         fan_in_scaled: bool = True, val_pairs: int = VALIDATION_PAIRS,
         val_oneshot: OneShotConfig = VALIDATION_ONESHOT, model: SiameseNet | None = None,
-        in_batch_negatives: float = 0.0, channels_last: bool | None = None) -> FitResult:
+        in_batch_negatives: float = 0.0, channels_last: bool | None = None,
+        validation_views: str = "model") -> FitResult:
     """Train one model on ``train_arrays``; early-stop and select on validation one-shot accuracy.
 
     Per epoch ``e`` (0-based): the paper's schedule (``apply_epoch_schedule``),
@@ -261,7 +275,9 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
     or before an epoch that would overrun ``time_budget_s`` (at least one
     epoch always runs). ``in_batch_negatives`` weighs the extra in-batch loss term
     (``train_step``); ``channels_last`` is the memory layout (:func:`place_model`;
-    None: by device). Returns the best epoch's weights.
+    None: by device). ``validation_views`` "single" scores the per-epoch one-shot trials
+    with one view instead of the model's test-time views (:func:`validation_model`).
+    Returns the best epoch's weights.
 
     Images must already be ``model_cfg.input_size`` square (``load_split(size=...)``).
     """
@@ -313,7 +329,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
             n_seen += left.shape[0]
         train_seconds = time.perf_counter() - t0
         ver = verification_accuracy(model, v_left, v_right, v_same)
-        one = evaluate_oneshot(model, val_images, runs, device)
+        one = evaluate_oneshot(validation_model(model, validation_views), val_images, runs, device)
         seconds = time.perf_counter() - t0
         epoch_times.append(seconds)
         improved = stopper.update(epoch, one.accuracy)

@@ -77,7 +77,7 @@ class SiameseNet(nn.Module):
 
         Views run one at a time, so memory stays that of one ``embed`` call.
         """
-        offsets = shift_offsets(self.config.test_time_shift_px)
+        offsets = shift_offsets(self.config.test_time_shift_px, self.config.test_time_views)
         total = self.embed(x)
         for dx, dy in offsets[1:]:
             total = total + self.embed(shift_images(x, dx, dy))
@@ -123,23 +123,34 @@ class SiameseNet(nn.Module):
         return torch.cat(rows, dim=0) if rows else h_queries.new_zeros((0, s))
 
 
-def with_test_time_shift(model: SiameseNet, shift_px: int) -> SiameseNet:
+def with_test_time_shift(model: SiameseNet, shift_px: int, views: str | None = None) -> SiameseNet:
     """The same network (parameters shared, not copied) scoring with other test-time views.
 
     Why: to report the paper's single-view accuracy beside the configured one, or to
-    override a trained model's views, without a second copy of the weights.
-    Raises ConfigError for an invalid ``shift_px``.
+    override a trained model's views, without a second copy of the weights. ``views``
+    ("cross" or "square"; None keeps the model's) is the pattern of shifts.
+    Raises ConfigError for an invalid ``shift_px`` or ``views``.
     """
     viewed = copy.copy(model)  # a shallow copy: the parameter tensors are the model's own
-    viewed.config = dataclasses.replace(model.config, test_time_shift_px=shift_px)
+    viewed.config = dataclasses.replace(model.config, test_time_shift_px=shift_px,
+                                        test_time_views=views or model.config.test_time_views)
     return viewed
 
 
-def shift_offsets(max_px: int) -> list[tuple[int, int]]:
-    """``(dx, dy)`` of the test-time views: ``(0, 0)`` first, then 1..max_px in four directions."""
+def shift_offsets(max_px: int, views: str = "cross") -> list[tuple[int, int]]:
+    """``(dx, dy)`` of the test-time views, ``(0, 0)`` first.
+
+    "cross": then 1..max_px in four directions (4N + 1 views); "square": then every other
+    shift with ``|dx|, |dy| <= max_px``, nearest first ((2N + 1)^2 views).
+    """
+    if views not in ("cross", "square"):
+        raise ValueError(f"test-time views must be 'cross' or 'square', got {views!r}")
     offsets = [(0, 0)]
     for d in range(1, max_px + 1):
-        offsets += [(d, 0), (-d, 0), (0, d), (0, -d)]
+        if views == "cross":
+            offsets += [(d, 0), (-d, 0), (0, d), (0, -d)]
+        else:  # the ring at Chebyshev distance d
+            offsets += [(dx, dy) for dx in range(-d, d + 1) for dy in range(-d, d + 1) if max(abs(dx), abs(dy)) == d]
     return offsets
 
 

@@ -74,3 +74,74 @@ def test_layout_comparison_prints_both_rates_and_their_ratio() -> None:
     m = re.fullmatch(r"cpu-small: contiguous (\d+) pairs/s, channels_last (\d+) pairs/s, ratio ([\d.]+)", line)
     assert m, proc.stdout
     assert float(m[3]) == pytest.approx(int(m[2]) / int(m[1]), abs=0.02)
+
+
+def test_compare_views_scores_each_checkpoint_with_each_view_set(omniglot_dir: Path, tmp_path: Path) -> None:
+    """A run folder stands for its best checkpoint; the figures match evaluate_oneshot on the same trials."""
+    import torch
+
+    from siamese_core import checkpoint
+    from siamese_core.model import build_model, with_test_time_shift
+
+    run = tmp_path / "run"
+    nets = {}
+    for name, epoch, seed in (("checkpoint_a", 3, 1), ("checkpoint_b", 5, 2)):  # b is the run's best epoch
+        (run / name).mkdir(parents=True)
+        nets[name] = with_test_time_shift(build_model("cpu-small", seed=seed), 3, "square")
+        checkpoint.save(run / name, nets[name], epoch=epoch)
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_a", "metrics": {"epoch": 3, "best_epoch": 5}},
+        {"checkpoint_dir_name": "checkpoint_b", "metrics": {"epoch": 5, "best_epoch": 5}}]}))
+    figures = tmp_path / "views.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare_views.py"), str(run), str(run / "checkpoint_a"),
+         "--views", "cross:0", "square:1", "--source", str(omniglot_dir), "--threads", "1", "--json", str(figures)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 checkpoint(s), 1600 validation trials; cross:0 = 1 views, square:1 = 9 views" in proc.stdout
+    table = json.loads(figures.read_text())["checkpoints"]
+    assert list(table) == [str(run / "checkpoint_b"), str(run / "checkpoint_a")]
+    assert any(line.startswith("square:1 - cross:0: mean ") for line in proc.stdout.splitlines())
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from cpu_demo_search import WIDE_VALIDATION, load
+    from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, oneshot_trials
+
+    torch.set_num_threads(1)
+    val = load(omniglot_dir, "validation", 35, None)
+    trials = oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED)
+    best = nets["checkpoint_b"]
+    assert table[str(run / "checkpoint_b")]["cross:0"] == evaluate_oneshot(with_test_time_shift(best, 0), val, trials).accuracy
+    assert table[str(run / "checkpoint_b")]["square:1"] == evaluate_oneshot(with_test_time_shift(best, 1), val, trials).accuracy
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["interleaved", "overhead"])
+def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_shards: str, ray_cluster,
+                                                                tmp_path: Path) -> None:
+    """bench_pipeline.py runs end to end on real shards (through the session's Ray, as a client)
+    and its ratio is the pipeline's pairs/s over the plain loop's, as printed and as written."""
+    import os
+
+    figures = tmp_path / "pipeline.json"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--data", small_shards,
+         "--preset", "cpu-small", "--pairs", "256", "--copies", "0", "--batch", "32", "--threads", "1",
+         "--epochs", "2", "--json", str(figures), *(["--interleave"] if mode == "interleaved" else [])],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    result = json.loads(figures.read_text())[mode]
+    assert result["plain_pairs_per_s"] > 0 and result["pipeline_pairs_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["pipeline_pairs_per_s"] / result["plain_pairs_per_s"])
+    if mode == "interleaved":
+        # epoch 1 of each side (epoch 0 is the warm-up): the same rows, whole batches of 32, at most 256
+        [rows] = result["plain_rows"]
+        assert result["pipeline_rows"] == [rows] and 0 < rows <= 256 and rows % 32 == 0
+        m = re.search(r"pipeline epochs : +\d+ pairs/s, ratio ([\d.]+)", proc.stdout)
+    else:
+        m = re.search(r"ratio +: +([\d.]+) +\(target >= 0.95\)", proc.stdout)
+        assert result["steady_ratio"] == pytest.approx(
+            result["pipeline_steady_pairs_per_s"] / result["plain_steady_pairs_per_s"])
+    assert m, proc.stdout[-3000:]
+    assert float(m[1]) == pytest.approx(result["ratio"], abs=5e-4)

@@ -47,6 +47,8 @@ def test_set_overrides_are_typed() -> None:
     ({"model.test_time_shift_px": "-1"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
     ({"model.test_time_shift_px": "17"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
     ({"model.test_time_shift_px": "1.5"}, "model.test_time_shift_px"),
+    ({"model.test_time_views": "diamond"}, "model.test_time_views must be one of .'cross', 'square'., got 'diamond'"),
+    ({"training.validation_views": "all"}, "training.validation_views must be one of .'model', 'single'., got 'all'"),
 ])
 def test_bad_values_fail_with_what_to_fix(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -105,7 +105,7 @@ def test_test_time_views_travel_with_the_checkpoint_and_can_be_overridden(small_
     assert not np.array_equal(viewed.result.predicted, single.result.predicted)  # the views change choices
 
     assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow"]) == 0
-    assert "mean embedding over shifts of up to 2 px" in capsys.readouterr().out
+    assert "mean embedding over 9 views (cross of shifts up to 2 px)" in capsys.readouterr().out
     assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow",
                           "--test-time-shift-px", "0"]) == 0
     assert "shifts" not in capsys.readouterr().out
@@ -113,6 +113,19 @@ def test_test_time_views_travel_with_the_checkpoint_and_can_be_overridden(small_
                           "--test-time-shift-px", "40"]) == 2
     err = capsys.readouterr().err
     assert "--test-time-shift-px" in err and "model.test_time_shift_px must be an integer in [0, 17)" in err
+
+    # The pattern of the views travels too, and an override of the shift keeps it.
+    square = tmp_path / "square"
+    square.mkdir()
+    checkpoint.save(square, with_test_time_shift(plain, 2, "square"))
+    assert evaluate.main(["--data", small_shards, "--model", str(square), "--no-mlflow"]) == 0
+    assert "mean embedding over 25 views (square of shifts up to 2 px)" in capsys.readouterr().out
+    assert evaluate.main(["--data", small_shards, "--model", str(square), "--no-mlflow",
+                          "--test-time-shift-px", "1"]) == 0
+    assert "mean embedding over 9 views (square of shifts up to 1 px)" in capsys.readouterr().out
+    assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow",
+                          "--test-time-views", "square"]) == 0  # the pattern alone, on the cross checkpoint
+    assert "mean embedding over 25 views (square of shifts up to 2 px)" in capsys.readouterr().out
 
 
 def test_pixel_baseline_beats_chance(small_shards, store, capsys):

@@ -162,6 +162,24 @@ def test_fit_is_deterministic_for_a_seed() -> None:
     assert strip(other.history) != strip(runs[0].history)
 
 
+def test_validation_views_single_scores_epochs_with_one_view() -> None:
+    """Training never uses the test-time views, so a model with views trains the same weights;
+    with validation_views="single" its per-epoch one-shot scores are those of the one-view model,
+    with "model" they are scored with its views (and differ)."""
+    import dataclasses
+
+    train, val = _synthetic(seed=0), _synthetic(seed=1)
+    viewed = dataclasses.replace(TINY, test_time_shift_px=1, test_time_views="square")
+    one = [row["val_oneshot_accuracy"] for row in _fit(train, val, epochs=3).history]
+    single = _fit(train, val, epochs=3, model_cfg=viewed, validation_views="single")
+    with_views = _fit(train, val, epochs=3, model_cfg=viewed, validation_views="model")
+    assert [row["val_oneshot_accuracy"] for row in single.history] == one
+    assert [row["val_oneshot_accuracy"] for row in with_views.history] != one
+    assert single.model.config.test_time_views == "square"  # the final model keeps its views
+    losses = lambda r: [row["train_loss"] for row in r.history]  # noqa: E731
+    assert losses(single) == losses(with_views)  # the same training, only the scoring differs
+
+
 def test_early_stopping_stops_and_returns_the_best_epochs_weights() -> None:
     """A rate high enough to make validation accuracy wander: the run must stop `patience`
     epochs after its best, and the returned weights must re-score exactly that best."""

@@ -7,7 +7,8 @@ import torch
 
 from siamese_core.config import LAYER_NAMES, ModelConfig
 from siamese_core.model import (SiameseNet, build_model, place_model, init_kaiming_weights, init_paper_weights, init_weights,
-                                 layer_shapes, parameter_count, shift_images, shift_offsets)
+                                 layer_shapes, parameter_count, shift_images, shift_offsets,
+                                 with_test_time_shift)
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +214,12 @@ def test_shift_images_moves_content_and_fills_background() -> None:
     assert torch.equal(shift_images(x, 0, 0), x)
     assert shift_offsets(0) == [(0, 0)]
     assert shift_offsets(2) == [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (2, 0), (-2, 0), (0, 2), (0, -2)]
+    square = shift_offsets(2, "square")
+    assert square[0] == (0, 0) and len(square) == 25
+    assert set(square) == {(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)}
+    assert set(square[1:9]) == {(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1)} - {(0, 0)}  # nearest first
+    with pytest.raises(ValueError, match="'cross' or 'square'"):
+        shift_offsets(1, "diamond")
 
 
 def test_scoring_embed_is_the_mean_over_test_time_views(small: SiameseNet) -> None:
@@ -231,3 +238,9 @@ def test_scoring_embed_is_the_mean_over_test_time_views(small: SiameseNet) -> No
         assert torch.allclose(viewed(x1, x2), small(x1, x2))
         p = viewed.similarity(x1, x2)
         assert torch.allclose(p, torch.sigmoid(viewed.head_logits(expected, viewed.scoring_embed(x2))), atol=1e-6)
+        # the square pattern: every shift within 1 px, the same weights
+        squared = with_test_time_shift(viewed, 1, "square")
+        assert squared.config.test_time_views == "square" and viewed.config.test_time_views == "cross"
+        corners = torch.stack([viewed.embed(shift_images(x1, dx, dy)) for dx in (-1, 0, 1) for dy in (-1, 0, 1)])
+        assert torch.allclose(squared.scoring_embed(x1), corners.mean(0), atol=1e-6)
+        assert with_test_time_shift(squared, 2).config.test_time_views == "square"  # kept unless given

@@ -191,6 +191,17 @@ def test_test_time_views_can_be_asked_for(model, model_dir, folders, pngs, capsy
     code, _, err = _run(["--model", model_dir, "--support", support, "--query", query,
                          "--test-time-shift-px", "-1"], capsys)
     assert code == 2 and "model.test_time_shift_px must be" in err
+    # the square pattern: every shift within 1 px (9 views)
+    code, out, err = _run(["--model", model_dir, "--support", support, "--query", query,
+                           "--test-time-shift-px", "1", "--test-time-views", "square"], capsys)
+    assert code == 0, err
+    rows = _rows(out)
+    squared = _direct_scores(with_test_time_shift(model, 1, "square"), [query / r["query"] for r in rows],
+                             _support_files(support))
+    assert squared != direct
+    for row, per_class in zip(rows, squared):
+        best = max(per_class, key=per_class.get)
+        assert row["predicted"] == best and float(row["score"]) == pytest.approx(per_class[best], abs=1e-5)
 
 
 def test_exact_copies_in_any_format_are_recognised(model, folders, model_dir, pngs, capsys):

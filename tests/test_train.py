@@ -61,6 +61,8 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert run.data.params["model.test_time_shift_px"] == str(cfg.model.test_time_shift_px) == \
         str(summary["test_time_shift_px"])
     assert run.data.metrics["test_oneshot_accuracy_single_view"] == pytest.approx(summary["test_accuracy_single_view"])
+    assert run.data.params["model.test_time_views"] == cfg.model.test_time_views == "cross"
+    assert run.data.params["training.validation_views"] == summary["validation_views"] == "single"
     assert {"test_oneshot_accuracy.Atlantean", "test_oneshot_accuracy.Tengwar"} <= set(run.data.metrics)
     best = max(history, key=lambda m: (m.value, -m.step))
     assert summary["best_epoch"] == best.step
@@ -82,6 +84,22 @@ def test_registered_model_is_the_best_checkpoint(trained) -> None:
     assert registered.config.test_time_shift_px == from_checkpoint.config.test_time_shift_px == \
         cfg.model.test_time_shift_px > 0
     torch.testing.assert_close(registered.scoring_embed(x), from_checkpoint.scoring_embed(x))
+    assert registered.config.test_time_views == from_checkpoint.config.test_time_views == "cross"
+
+
+def test_epochs_are_selected_on_single_view_validation(trained, small_shards) -> None:
+    """The demo selects epochs on one view (training.validation_views=single): the best
+    checkpoint's logged validation accuracy is its one-view score, not its 13-view one."""
+    from siamese_core.fit import evaluate_oneshot, oneshot_trials
+    from siamese_core.model import place_model, with_test_time_shift
+    from workflows.evaluate import load_split_arrays
+
+    summary, cfg, _ = trained
+    model = place_model(ckpt_io.load_model(summary["checkpoint"]), "cpu", cfg.cluster.channels_last)
+    arrays = load_split_arrays(small_shards, "validation", size=cfg.model.input_size)
+    runs = oneshot_trials(arrays)
+    one_view = evaluate_oneshot(with_test_time_shift(model, 0), arrays, runs).accuracy
+    assert summary["best_val_oneshot_accuracy"] == pytest.approx(one_view, abs=1e-9)
 
 
 def test_checkpoints_rank_by_accuracy_with_ties_to_the_earlier_epoch() -> None:

@@ -36,6 +36,7 @@ class EvaluationRequest:
     endpoint_url: str | None = None
     tracking_uri: str | None = None  # MLflow store a models:/ or runs:/ model is loaded from
     test_time_shift_px: int | None = None  # None: the model's own test-time views
+    test_time_views: str | None = None  # "cross" or "square"; None: the model's own
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,17 @@ class Evaluation:
     arrays: OmniglotArrays
     runs: list
     test_time_shift_px: int = 0  # the model's test-time views the result was scored with
+    test_time_views: str = "cross"  # and their pattern (model.test_time_views)
 
 
-def views_description(test_time_shift_px: int) -> str:
+def views_description(test_time_shift_px: int, test_time_views: str = "cross") -> str:
     """How a result was scored, for the printed protocol: "" for the paper's single view."""
     if not test_time_shift_px:
         return ""
-    return f", mean embedding over shifts of up to {test_time_shift_px} px"
+    from siamese_core.model import shift_offsets
+
+    count = len(shift_offsets(test_time_shift_px, test_time_views))
+    return f", mean embedding over {count} views ({test_time_views} of shifts up to {test_time_shift_px} px)"
 
 
 def load_split_arrays(data: str, split: str, endpoint_url: str | None = None,
@@ -74,7 +79,8 @@ def evaluate_model(model: Any, data: str, split: str = "test", seed: int = 0,
     net = unwrap(model)
     arrays = load_split_arrays(data, split, endpoint_url, size=net.config.input_size)
     runs = oneshot_trials(arrays, cfg, seed)
-    return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs, net.config.test_time_shift_px)
+    return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs, net.config.test_time_shift_px,
+                      net.config.test_time_views)
 
 
 def evaluate(request: EvaluationRequest) -> Evaluation:
@@ -87,7 +93,7 @@ def evaluate(request: EvaluationRequest) -> Evaluation:
     from workflows.models import load_any
 
     model = load_any(request.model, request.endpoint_url, tracking_uri=request.tracking_uri,
-                     test_time_shift_px=request.test_time_shift_px)
+                     test_time_shift_px=request.test_time_shift_px, test_time_views=request.test_time_views)
     return evaluate_model(model, request.data, request.split, request.seed, request.endpoint_url, cfg)
 
 
@@ -109,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="score with the mean embedding over N-pixel shifts (0: one view, the paper's "
                              "protocol; default: what the model was trained with, model.test_time_shift_px)")
+    parser.add_argument("--test-time-views", default=None, choices=["cross", "square"],
+                        help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
+                             "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
     args = parser.parse_args(argv)
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     request = EvaluationRequest(data=args.data, split=args.split, model=args.model, seed=args.seed,
                                 n_way=args.n_way, runs_per_alphabet=args.runs_per_alphabet,
                                 endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri,
-                                test_time_shift_px=args.test_time_shift_px)
+                                test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
     from workflows.models import ModelLoadError
     from workflows.storage import StorageError
 
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluation.result
     elapsed = time.perf_counter() - started
     protocol = (f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"
-                + views_description(evaluation.test_time_shift_px))
+                + views_description(evaluation.test_time_shift_px, evaluation.test_time_views))
     print(f"{request.model} on {request.split}: {result.accuracy:.2%} "
           f"({result.correct}/{result.trials} trials, {protocol}, seed {request.seed}) in {elapsed:.1f}s")
     for alphabet, accuracy in sorted(result.per_alphabet.items()):
@@ -144,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             mlflow.log_params({"model": request.model, "split": request.split, "seed": request.seed,
                                "n_way": request.n_way, "runs_per_alphabet": request.runs_per_alphabet,
                                "protocol": protocol, "data": request.data,
-                               "test_time_shift_px": evaluation.test_time_shift_px})
+                               "test_time_shift_px": evaluation.test_time_shift_px,
+                               "test_time_views": evaluation.test_time_views})
             tracking.log_oneshot(result, request.split)
             tracking.log_oneshot_figures(evaluation, request.split)
         print(f"Recorded in MLflow run {run.info.run_id} at {uri}")

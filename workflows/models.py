@@ -25,11 +25,11 @@ class ModelLoadError(Exception):
 
 
 def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | None = None,
-             test_time_shift_px: int | None = None) -> SiameseNet:
+             test_time_shift_px: int | None = None, test_time_views: str | None = None) -> SiameseNet:
     """The network named by ``spec``, in eval mode on the CPU; :class:`ModelLoadError` if there is none.
 
-    ``test_time_shift_px`` replaces the model's own test-time views (0: the paper's single view;
-    None: keep what the model was trained with).
+    ``test_time_shift_px`` and ``test_time_views`` ("cross" or "square") replace the model's own
+    test-time views (shift 0: the paper's single view; None: keep what the model was trained with).
     """
     try:
         net = _load(spec, endpoint_url, tracking_uri)
@@ -40,11 +40,12 @@ def load_any(spec: str, endpoint_url: str | None = None, tracking_uri: str | Non
         if mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException):
             raise ModelLoadError(f"cannot load --model {spec} from MLflow: {exc}") from exc
         raise
-    if test_time_shift_px is not None:
+    if test_time_shift_px is not None or test_time_views is not None:
+        shift = net.config.test_time_shift_px if test_time_shift_px is None else test_time_shift_px
         try:
-            net = with_test_time_shift(net, test_time_shift_px)
+            net = with_test_time_shift(net, shift, test_time_views)
         except ConfigError as exc:
-            raise ModelLoadError(f"--test-time-shift-px: {exc}") from exc
+            raise ModelLoadError(f"--test-time-shift-px/--test-time-views: {exc}") from exc
     return net
 
 

@@ -200,12 +200,12 @@ def write_csv(predictions: Iterable[Prediction], stream: TextIO) -> None:
 
 
 def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None,
-                test_time_shift_px: int | None = None) -> Any:
+                test_time_shift_px: int | None = None, test_time_views: str | None = None) -> Any:
     from workflows.models import ModelLoadError, load_any
 
     try:
         return load_any(spec, endpoint_url=endpoint_url, tracking_uri=tracking_uri,
-                        test_time_shift_px=test_time_shift_px)
+                        test_time_shift_px=test_time_shift_px, test_time_views=test_time_views)
     except ModelLoadError as exc:
         raise PredictError(str(exc)) from exc
 
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="compare images by their mean embedding over N-pixel shifts (0: one view, as in the "
                              "paper; default: what the model was trained with, model.test_time_shift_px)")
+    parser.add_argument("--test-time-views", default=None, choices=["cross", "square"],
+                        help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
+                             "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         # Cheap checks first: a typo in a folder should not wait for the model to load.
         support = read_support(args.support)
         queries = read_queries(args.query)
-        model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px)
+        model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px,
+                            args.test_time_views)
         if len(support.classes) == 1:
             print(f"warning: support folder {args.support} has a single class "
                   f"({support.classes[0]!r}); every query gets it", file=sys.stderr)

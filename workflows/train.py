@@ -56,12 +56,14 @@ class Validation:
         return Validation(images=images, left=index(pairs.left), right=index(pairs.right),
                           same=torch.from_numpy(pairs.same), runs=oneshot_trials(arrays))
 
-    def evaluate(self, model: Any, device: Any) -> dict[str, float]:
-        from siamese_core.fit import evaluate_oneshot
+    def evaluate(self, model: Any, device: Any, views: str = "model") -> dict[str, float]:
+        """Verification accuracy, and one-shot accuracy with ``views`` (``training.validation_views``)."""
+        from siamese_core.fit import evaluate_oneshot, validation_model
         from siamese_core.train_step import verification_accuracy
 
+        oneshot = evaluate_oneshot(validation_model(model, views), self.images, self.runs, device)
         return {"val_verification_accuracy": verification_accuracy(model, self.left, self.right, self.same),
-                "val_oneshot_accuracy": evaluate_oneshot(model, self.images, self.runs, device).accuracy}
+                "val_oneshot_accuracy": oneshot.accuracy}
 
 
 def _distortion_seed(seed: int, epoch: int, rank: int) -> int:
@@ -175,7 +177,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {}
         if rank == 0:
             assert validation is not None
-            metrics = validation.evaluate(ckpt_io.unwrap(model), device)
+            metrics = validation.evaluate(ckpt_io.unwrap(model), device, cfg.training.validation_views)
             improved = stopper.update(epoch, metrics["val_oneshot_accuracy"])
             elapsed = time.perf_counter() - started
             epoch_seconds.append(time.perf_counter() - t0)
@@ -366,9 +368,11 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
         tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id, finished=True)
         return {"run_id": mlrun.info.run_id, "tracking_uri": tracking_uri, "test_accuracy": test.result.accuracy,
                 "test_accuracy_single_view": single_view, "test_time_shift_px": model.config.test_time_shift_px,
+                "test_time_views": model.config.test_time_views,
                 "test_correct": test.result.correct, "test_trials": test.result.trials,
                 "best_epoch": int(best_metrics["epoch"]),
                 "best_val_oneshot_accuracy": float(best_metrics["val_oneshot_accuracy"]),
+                "validation_views": cfg.training.validation_views,
                 "checkpoint": checkpoint.path, "model_uri": model_uri, "train_seconds": train_seconds}
 
 
@@ -444,12 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from workflows.evaluate import views_description
 
-    views = views_description(summary["test_time_shift_px"])
+    views = views_description(summary["test_time_shift_px"], summary["test_time_views"])
     if summary["test_accuracy_single_view"] is not None:
         views += f"; one view, as in the paper: {summary['test_accuracy_single_view']:.2%}"
+    val_views = ", one view" if summary["validation_views"] == "single" and summary["test_time_shift_px"] else ""
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
           f"{summary['test_trials']} trials, 20-way within-alphabet, Lake's 10 test alphabets{views}); "
-          f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}), "
+          f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}{val_views}), "
           f"training {summary['train_seconds']:.0f}s")
     print(f"MLflow run {summary['run_id']}; model {summary['model_uri']}")
     from workflows import tracking
