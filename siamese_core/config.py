@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 INIT_SCHEMES: tuple[str, ...] = ("paper", "kaiming")
-TEST_TIME_VIEWS: tuple[str, ...] = ("cross", "square")
-VALIDATION_VIEWS: tuple[str, ...] = ("model", "single")
 """Weight initialisations a ModelConfig may name (``ModelConfig.init``)."""
+
+TEST_TIME_VIEWS: tuple[str, ...] = ("cross", "square")
+"""Patterns of test-time shifts a ModelConfig may name (``ModelConfig.test_time_views``)."""
+
+VALIDATION_VIEWS: tuple[str, ...] = ("model", "single")
+"""How per-epoch validation may view images (``TrainingConfig.validation_views``)."""
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 """Optimizers an OptimizerConfig may name (``OptimizerConfig.algorithm``)."""

@@ -25,7 +25,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .config import LAYER_NAMES, ModelConfig
+from .config import LAYER_NAMES, TEST_TIME_VIEWS, ModelConfig
 
 
 class SiameseNet(nn.Module):
@@ -143,7 +143,7 @@ def shift_offsets(max_px: int, views: str = "cross") -> list[tuple[int, int]]:
     "cross": then 1..max_px in four directions (4N + 1 views); "square": then every other
     shift with ``|dx|, |dy| <= max_px``, nearest first ((2N + 1)^2 views).
     """
-    if views not in ("cross", "square"):
+    if views not in TEST_TIME_VIEWS:
         raise ValueError(f"test-time views must be 'cross' or 'square', got {views!r}")
     offsets = [(0, 0)]
     for d in range(1, max_px + 1):
