@@ -332,9 +332,9 @@ class TrainingConfig:
     validation_views: str = "model"
     """Views of the per-epoch validation one-shot trials that early stopping and model
     selection read: "model" (the model's test-time views) or "single" (one view per image,
-    as in the paper). Why "single": the demo's 13 views cost ~1.5 s of a ~9 s epoch on 2
-    cores (49 square views ~5 s), and selection only needs to rank epochs; the final
-    scores always use the model's views."""
+    as in the paper). Why "single": selection only needs to rank epochs, and with the
+    demo's 13 views validation took 2.1 s of each 9.0 s epoch on 2 cores (plain loop, tag
+    "c24_e384_views_480s"); the final scores always use the model's views."""
 
     def __post_init__(self) -> None:
         _require(self.in_batch_negatives >= 0,
@@ -411,8 +411,8 @@ a cpu-small run in 480 s on a fast day stopped at epoch 38 on a lucky early peak
 320 noisy trials (best epoch 18: 74.1% on 1,600; tag "recipe_views_480s"). On the test
 trials the point did not show: four `make demo` runs gave 79.00-80.50% (mean 79.69%),
 five cpu-small runs 78.75-81.00% (mean 79.65%).
-Then selection on one view (``validation_views="single"``): 13 views per epoch cost
-~1.5 s of a ~9 s epoch, and without them ``make demo`` ran 45-52 epochs instead of 42-46.
+Then selection on one view (``validation_views="single"``): with 13 views validation took
+2.1 s of each 9.0 s epoch, and with one ``make demo`` ran 45-52 epochs instead of 42-46.
 Four runs scored 79.25, 81.50, 78.75 and 82.25% on test (mean 80.44%, against 79.69%), and
 two more of the final code 80.50 and 83.50% (six: mean 80.96%, 80% in four), within
 the noise; on the 1,600 validation trials (none of them among the 320 that select epochs)
