@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_demo_search import DEFAULT_SOURCE, WIDE_VALIDATION, load  # noqa: E402
 
 from siamese_core.checkpoint import load_model  # noqa: E402
+from siamese_core.config import TEST_TIME_VIEWS  # noqa: E402
 from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, oneshot_trials  # noqa: E402
 from siamese_core.model import shift_offsets, with_test_time_shift  # noqa: E402
 
@@ -53,7 +54,7 @@ def best_checkpoint_dir(path: Path) -> Path:
 def parse_views(spec: str) -> tuple[str, int]:
     """``"square:3"`` -> ``("square", 3)``."""
     pattern, _, shift = spec.partition(":")
-    if pattern not in ("cross", "square") or not shift.isdigit():
+    if pattern not in TEST_TIME_VIEWS or not shift.isdigit():
         raise argparse.ArgumentTypeError(f"a view set is cross:N or square:N, got {spec!r}")
     return pattern, int(shift)
 

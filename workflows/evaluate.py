@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from siamese_core.config import OneShotConfig
+from siamese_core.config import TEST_TIME_VIEWS, OneShotConfig
 from siamese_core.omniglot import OmniglotArrays, arrays_from_rows
 from siamese_core.fit import oneshot_trials
 from siamese_core.oneshot import OneShotResult, pixel_nearest_neighbour, score_runs
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="score with the mean embedding over N-pixel shifts (0: one view, the paper's "
                              "protocol; default: what the model was trained with, model.test_time_shift_px)")
-    parser.add_argument("--test-time-views", default=None, choices=["cross", "square"],
+    parser.add_argument("--test-time-views", default=None, choices=TEST_TIME_VIEWS,
                         help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
                              "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
+from siamese_core.config import TEST_TIME_VIEWS
 from siamese_core.omniglot import CorruptImageError, decode_image, quantize
 
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="compare images by their mean embedding over N-pixel shifts (0: one view, as in the "
                              "paper; default: what the model was trained with, model.test_time_shift_px)")
-    parser.add_argument("--test-time-views", default=None, choices=["cross", "square"],
+    parser.add_argument("--test-time-views", default=None, choices=TEST_TIME_VIEWS,
                         help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
                              "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
     args = parser.parse_args(argv)
