@@ -13,7 +13,10 @@ and distorted copies, trained side by side in one run:
   (``EpochStream`` with the same chunk and shuffle buffer -> ``expand_copies`` ->
   ``iter_steps`` -> ``train_step``); no validation or checkpoints.
 
-Only the training part of each epoch is timed on both sides. During the pipeline's
+Only the training part of each epoch is timed on both sides. Each side also counts its
+process's CPU time in the kernel and minor page faults (``ProcessUsage``): with
+glibc's adaptive malloc (``--glibc-malloc``, i.e. ``training.keep_freed_memory=False``
+on both sides) the Train worker faulted its freed tensor memory back in at every step. During the pipeline's
 steady epochs the benchmark also samples every process's CPU time (``CpuShares``) and
 prints how many of the cores went to the Train worker, the pair stage, Ray's other
 processes and everything else. The plain loop
@@ -31,6 +34,13 @@ does not run during the plain epoch; its start-up wait is counted, and also show
 apart). Epochs seconds apart share the machine's speed, which drifts by 10-20%
 between runs minutes apart; the cost of Ray Train's own processes is on both sides.
 
+``--alternate`` keeps the plain loop in its own fresh process, as in part 1, but
+alternates its epochs with the pipeline's (turn files hand over between the two
+processes, so only one trains at a time): a plain epoch, then a pipeline epoch
+whose pass starts only then, and so on. This cancels the drift like
+``--interleave`` while the plain loop stays outside Ray's worker; Ray's
+processes are alive beside both sides. One host only (the files are local).
+
 Part 2 (``--memory``). Writes synthetic training shards (copies of the real
 alphabets under new names, one shard per alphabet, the shard schema and a
 valid manifest) at 1x and ``--scale``x the training split's 19,280 images under
@@ -42,6 +52,7 @@ and the object store's peak use.
     .venv/bin/python benchmarks/bench_pipeline.py                  # overhead, cpu-small
     .venv/bin/python benchmarks/bench_pipeline.py --memory         # + memory 1x vs 10x
     .venv/bin/python benchmarks/bench_pipeline.py --interleave     # plain/pipeline epochs alternating
+    .venv/bin/python benchmarks/bench_pipeline.py --alternate      # the same, plain loop in its own process
     .venv/bin/python benchmarks/bench_pipeline.py --memory --no-overhead --cache-mb 64
 
 The pair stage keeps decoded shards between epochs up to ``data.decoded_cache_mb``
@@ -56,6 +67,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -97,6 +109,8 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["data.decoded_cache_mb"] = args.cache_mb
     if args.in_batch_negatives is not None:
         overrides["training.in_batch_negatives"] = args.in_batch_negatives
+    if args.glibc_malloc:
+        overrides["training.keep_freed_memory"] = False
     return overrides
 
 
@@ -122,6 +136,7 @@ def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epo
     from siamese_core.train_step import train_step
 
     arrays = setup["arrays"]
+    usage = ProcessUsage()
     t0, c0 = time.perf_counter(), time.process_time()
     apply_epoch_schedule(optimizer, cfg.optim, epoch)
     pairs = sample_pairs(arrays.alphabet, arrays.character, setup["pair_cfg"], cfg.training.seed, epoch,
@@ -134,29 +149,104 @@ def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epo
                    in_batch_negatives=cfg.training.in_batch_negatives)
         rows += left.shape[0]
     return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": rows,
-            "cpu_seconds": time.process_time() - c0}
+            "cpu_seconds": time.process_time() - c0, **usage.since()}
 
 
-def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
-    """The plain single-process loop; per epoch: training seconds and rows (pairs incl. copies)."""
+class ProcessUsage:
+    """This process's kernel CPU time and minor page faults since it was made.
+
+    Why: a process whose freed tensor memory is unmapped faults it back in at every
+    step, which shows as kernel time (``training.keep_freed_memory``, ``--glibc-malloc``).
+    """
+
+    def __init__(self) -> None:
+        self.start = resource.getrusage(resource.RUSAGE_SELF)
+
+    def since(self) -> dict[str, float]:
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        return {"sys_seconds": now.ru_stime - self.start.ru_stime,
+                "minor_faults": float(now.ru_minflt - self.start.ru_minflt)}
+
+
+def plain_model(cfg: Any) -> tuple[Any, Any]:
+    """The plain loop's model and optimizer, built as the Train worker builds them."""
     import torch
 
     from siamese_core.fit import new_model
+    from siamese_core.heap import keep_freed_memory
     from siamese_core.model import place_model
     from siamese_core.optim import build_optimizer
 
     torch.set_num_threads(cfg.training.threads)
+    if cfg.training.keep_freed_memory:
+        keep_freed_memory()
     model = place_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), "cpu",
                         cfg.cluster.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
+    return model, build_optimizer(model, cfg.optim)
+
+
+def print_plain_epoch(label: str, result: dict[str, float]) -> None:
+    rows, seconds = result["rows"], result["train_seconds"]
+    print(f"  plain[{label}] epoch {int(result['epoch'])}: {rows} pairs in {seconds:.2f}s = "
+          f"{rows / seconds:.0f} pairs/s", flush=True)
+
+
+def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
+    """The plain single-process loop; per epoch: training seconds and rows (pairs incl. copies)."""
+    model, optimizer = plain_model(cfg)
     setup = plain_setup(cfg, arrays, n_alphabets)
     out = []
     for epoch in range(epochs):
         out.append(plain_epoch(cfg, setup, model, optimizer, epoch))
-        rows, seconds = out[-1]["rows"], out[-1]["train_seconds"]
-        print(f"  plain[{label}] epoch {epoch}: {rows} pairs in {seconds:.2f}s = {rows / seconds:.0f} pairs/s",
-              flush=True)
+        print_plain_epoch(label, out[-1])
     return out
+
+
+class Turns:
+    """Hand-over files between the plain loop's process and the Train worker, so that their
+    epochs alternate (``--alternate``).
+
+    Why files: the two processes share nothing else (one is the driver's spawned child,
+    the other a Ray actor), and both run on this host. Polling every 5 ms costs nothing
+    measurable beside a training epoch. Either side, or the driver, posts ``abort`` when it
+    fails, so the other stops waiting with an error instead of hanging.
+    """
+
+    def __init__(self, directory: str, timeout_s: float = 900.0) -> None:
+        self.directory, self.timeout_s = Path(directory), timeout_s
+
+    def post(self, name: str) -> None:
+        tmp = self.directory / f".{name}.tmp"
+        tmp.write_text(str(time.time()))
+        os.replace(tmp, self.directory / name)
+
+    def wait(self, name: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not (self.directory / name).exists():
+            if (self.directory / "abort").exists():
+                raise RuntimeError(f"the other side of --alternate failed while this one waited for {name!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"--alternate: no {name!r} in {self.directory} after {self.timeout_s:.0f}s; "
+                                   "the other side stopped (see its output above)")
+            time.sleep(0.005)
+
+
+def plain_alternating(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, turn_dir: str) -> list[dict[str, float]]:
+    """:func:`plain_epochs`, each epoch waiting for the Train worker's epoch before it (``--alternate``)."""
+    turns = Turns(turn_dir)
+    try:
+        model, optimizer = plain_model(cfg)
+        setup = plain_setup(cfg, arrays, n_alphabets)
+        out = []
+        for epoch in range(epochs):
+            turns.wait("pipeline-ready" if epoch == 0 else f"pipeline-{epoch - 1}")
+            out.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
+            print_plain_epoch("alternating", out[-1])
+            turns.post(f"plain-{epoch}")
+        return out
+    except BaseException:
+        turns.post("abort")
+        raise
 
 
 def plain_in_fresh_process(cfg: Any, arrays: Any, n_alphabets: int, epochs: int,
@@ -183,6 +273,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
 
     from siamese_core.fit import new_model
+    from siamese_core.heap import keep_freed_memory
     from siamese_core.model import place_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
@@ -192,6 +283,8 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
     torch.set_num_threads(cfg.training.threads)
+    if cfg.training.keep_freed_memory:
+        keep_freed_memory()
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(place_model(
         new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), device, cfg.cluster.channels_last))
@@ -199,22 +292,30 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
     interleave = loop_config.get("interleave")
+    turns = Turns(loop_config["alternate"]["turn_dir"]) if loop_config.get("alternate") else None
     if interleave:
         from workflows.evaluate import load_split_arrays
 
         setup = plain_setup(cfg, load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size),
                             interleave["n_alphabets"])
-    else:
+    elif turns is None:
         stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
+    else:
+        turns.post("pipeline-ready")
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
         if interleave:
-            # A plain epoch first, on the same model, then a pipeline epoch whose pass starts
-            # only now (no look-ahead: the next pass's pair stage would otherwise run during
-            # the plain epoch and slow it); its start-up wait is recorded as first_batch_s.
             history.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
+        elif turns is not None:
+            turns.wait(f"plain-{epoch}")
+        if interleave or turns is not None:
+            # A plain epoch first (here, on the same model, or in the plain loop's process), then
+            # a pipeline epoch whose pass starts only now (no look-ahead: the next pass's pair stage
+            # would otherwise run during the plain epoch and slow it); its start-up wait is
+            # recorded as first_batch_s.
             stream = worker_stream(shard, cfg, loop_config["epoch_clock"], end_epoch=epoch + 1)
-        t0 = time.perf_counter()
+        usage = ProcessUsage()
+        t0, c0 = time.perf_counter(), time.process_time()
         apply_epoch_schedule(optimizer, cfg.optim, epoch)
         generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))
         rows, first, wait, step = 0, None, 0.0, 0.0
@@ -238,15 +339,19 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             step += time.perf_counter() - ts
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
+                        "cpu_seconds": time.process_time() - c0, **usage.since(),
                         "wait_s": wait, "step_s": step, "side": "pipeline", "pid": os.getpid(),
                         "wall_end": time.time(), "wall_start": time.time() - seconds})
         # Ray Train (v2) keeps only checkpointed reports in the Result: hand the figures over in a file.
         Path(loop_config["history_path"]).write_text(json.dumps(history))
+        if turns is not None:
+            turns.post(f"pipeline-{epoch}")
         ray.train.report({"epoch": epoch})
 
 
 def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
-                    interleave: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
+                    interleave: dict[str, Any] | None = None,
+                    alternate: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -261,7 +366,8 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
     trainer = TorchTrainer(
         pipeline_loop_per_worker,
         train_loop_config={"recipe": "demo", "overrides": overrides, "epoch_clock": clock,
-                           "history_path": str(Path(storage_dir) / "history.json"), "interleave": interleave},
+                           "history_path": str(Path(storage_dir) / "history.json"), "interleave": interleave,
+                           "alternate": alternate},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="bench-pipeline", storage_path=storage_dir),
@@ -456,6 +562,11 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
           f"(ratio {pipe_step / plain_step:.3f}: cores taken from the steps by other processes, below)")
     print_cpu_shares(shares)
     print(f"  the plain loop's process, steady epochs: {plain_cores:.2f} cores")
+    for side, epochs in (("plain", before[steady] + after[steady]), ("pipeline", pipe[steady])):
+        kernel = kernel_use(epochs)
+        summary[f"{side}_kernel_share"], summary[f"{side}_faults_per_cpu_s"] = kernel
+        print(f"  {side} process, steady epochs: {kernel[0]:.1%} of its CPU time in the kernel, "
+              f"{kernel[1]:.0f} minor page faults per CPU-second")
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
     return summary
@@ -488,6 +599,60 @@ def interleaved(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         ray.shutdown()
         shutil.rmtree(storage_dir, ignore_errors=True)
+    return side_by_side(args, history, "interleaved")
+
+
+def alternated(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain epochs in a fresh process and pipeline epochs in the Train worker, taking turns.
+
+    Why: ``--interleave`` cancels the machine's drift but runs the plain epochs inside the
+    Ray worker; this keeps the reference a plain process, as in the overhead runs, while
+    its epochs sit seconds from the pipeline's. Ray's processes are alive beside both.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import ray
+
+    from workflows import config as job_config
+    from workflows import shards
+    from workflows.evaluate import load_split_arrays
+    from workflows.ray_setup import init_ray
+
+    overrides = job_overrides(args)
+    cfg = job_config.build("demo", overrides=overrides)
+    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
+    print(f"== alternating: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
+          f"{args.batch}, {args.threads} torch threads, {args.epochs} x (plain epoch in its own process, "
+          f"pipeline epoch in the Train worker), {os.cpu_count()} cores", flush=True)
+    arrays = load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size)
+    init_ray()
+    storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
+    turns = Turns(str(Path(storage_dir) / "turns"))
+    turns.directory.mkdir()
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            plain_side = pool.submit(plain_alternating, cfg, arrays, n_alphabets, args.epochs, str(turns.directory))
+            try:
+                pipe, _ = pipeline_epochs(cfg, overrides, storage_dir, alternate={"turn_dir": str(turns.directory)})
+            except BaseException:
+                turns.post("abort")
+                raise
+            plain = plain_side.result()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage_dir, ignore_errors=True)
+    return side_by_side(args, plain + pipe, "alternating")
+
+
+def kernel_use(epochs: list[dict[str, Any]]) -> tuple[float, float]:
+    """(kernel share of the process's CPU time, minor page faults per CPU-second) over epochs."""
+    cpu = sum(e["cpu_seconds"] for e in epochs)
+    return sum(e["sys_seconds"] for e in epochs) / cpu, sum(e["minor_faults"] for e in epochs) / cpu
+
+
+def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Rates and ratios of plain and pipeline epochs that alternated (``--interleave``, ``--alternate``)."""
     steady = slice(1, None) if args.epochs > 1 else slice(0, None)
     plain = [e for e in history if e["side"] == "plain"][steady]
     pipe = [e for e in history if e["side"] == "pipeline"][steady]
@@ -501,7 +666,7 @@ def interleaved(args: argparse.Namespace) -> dict[str, Any]:
                "epoch_ratios": pairwise, "plain_rows": [int(e["rows"]) for e in plain],
                "pipeline_rows": [int(e["rows"]) for e in pipe],
                "start_wait_s_per_epoch": statistics.mean(e["first_batch_s"] for e in pipe)}
-    print(f"-- interleaved result (epochs {steady.start}..{args.epochs - 1}; training only)")
+    print(f"-- {label} result (epochs {steady.start}..{args.epochs - 1}; training only)")
     print(f"plain epochs    : {plain_rate:8.0f} pairs/s")
     print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
           f"each pass's start-up counted ({summary['start_wait_s_per_epoch']:.2f}s per epoch, which the "
@@ -509,6 +674,11 @@ def interleaved(args: argparse.Namespace) -> dict[str, Any]:
     print(f"after the start : {started:8.0f} pairs/s, ratio {started / plain_rate:.3f}")
     print(f"epoch by epoch  : ratios {min(pairwise):.3f}-{max(pairwise):.3f}, "
           f"median {statistics.median(pairwise):.3f}")
+    for side, epochs in (("plain", plain), ("pipeline", pipe)):
+        kernel = kernel_use(epochs)
+        summary[f"{side}_kernel_share"], summary[f"{side}_faults_per_cpu_s"] = kernel
+        print(f"{side + ' process':<16}: {kernel[0]:.1%} of its CPU time in the kernel, "
+              f"{kernel[1]:.0f} minor page faults per CPU-second")
     return summary
 
 
@@ -710,6 +880,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="training.in_batch_negatives for both loops (default: the demo recipe's)")
     parser.add_argument("--interleave", action="store_true",
                         help="alternate plain and pipeline epochs in one Train worker (instead of the overhead runs)")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's adaptive malloc thresholds on both sides "
+                             "(training.keep_freed_memory=False; default: the recipe's, kept)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="alternate plain epochs (in their own process) with pipeline epochs "
+                             "(instead of the overhead runs)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
@@ -718,8 +894,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
     out: dict[str, Any] = {}
+    if args.interleave and args.alternate:
+        parser.error("choose one of --interleave and --alternate")
+    out["keep_freed_memory"] = not args.glibc_malloc
+    print("malloc on both sides: " + ("glibc's adaptive thresholds (--glibc-malloc)" if args.glibc_malloc else
+                                      "thresholds fixed by siamese_core.heap (training.keep_freed_memory)"), flush=True)
     if args.interleave:
         out["interleaved"] = interleaved(args)
+    elif args.alternate:
+        out["alternating"] = alternated(args)
     elif not args.no_overhead:
         out["overhead"] = overhead(args)
     if args.memory:

@@ -38,6 +38,7 @@ import torch
 
 from siamese_core.config import RECIPES, TEST_ONESHOT, OneShotConfig, apply_overrides
 from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, fit, oneshot_trials
+from siamese_core.heap import keep_freed_memory
 from siamese_core.model import parameter_count, with_test_time_shift
 from siamese_core.omniglot import LAKE_TEST_ALPHABETS, OmniglotArrays, load_split
 
@@ -88,6 +89,8 @@ def main() -> None:
     tr = recipe.training
     if tr.threads is not None:
         torch.set_num_threads(tr.threads)
+    if tr.keep_freed_memory:
+        keep_freed_memory()
     size = recipe.model.input_size
 
     t0 = time.perf_counter()

@@ -326,6 +326,13 @@ class TrainingConfig:
     """Scale the paper's init stds by fan-in (see ``model.init_paper_weights``)."""
     threads: int | None = None
     """``torch.set_num_threads`` for CPU runs (None: leave torch's default)."""
+    keep_freed_memory: bool = True
+    """Fix glibc's malloc thresholds in the training process (``siamese_core.heap``) so the
+    memory a step frees stays mapped for the next. Why: with glibc's adaptive defaults a Ray
+    Train worker spent 12-15% of its CPU time in the kernel on 54,000-68,000 page faults per
+    CPU-second, and trained at 0.76-0.80 of a plain process's pairs/s instead of 0.94-0.95
+    (``bench_pipeline.py --alternate [--glibc-malloc]``). False leaves the defaults, which
+    hand a process's peak heap back to the OS."""
     in_batch_negatives: float = 0.0
     """Weight of the extra loss term on every other pairing of a batch's images, labelled
     "different" (``train_step.in_batch_negative_pairings``); 0 is the paper's loss."""

@@ -115,8 +115,11 @@ def test_compare_views_scores_each_checkpoint_with_each_view_set(omniglot_dir: P
     assert table[str(run / "checkpoint_b")]["square:1"] == evaluate_oneshot(with_test_time_shift(best, 1), val, trials).accuracy
 
 
+MODE_FLAGS = {"interleaved": ["--interleave"], "alternating": ["--alternate"], "overhead": []}
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["interleaved", "overhead"])
+@pytest.mark.parametrize("mode", ["interleaved", "alternating", "overhead"])
 def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_shards: str, ray_cluster,
                                                                 tmp_path: Path) -> None:
     """bench_pipeline.py runs end to end on real shards (through the session's Ray, as a client)
@@ -128,13 +131,17 @@ def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_pipeline.py"), "--data", small_shards,
          "--preset", "cpu-small", "--pairs", "256", "--copies", "0", "--batch", "32", "--threads", "1",
-         "--epochs", "2", "--json", str(figures), *(["--interleave"] if mode == "interleaved" else [])],
+         "--epochs", "2", "--json", str(figures), *MODE_FLAGS[mode]],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    result = json.loads(figures.read_text())[mode]
+    written = json.loads(figures.read_text())
+    assert written["keep_freed_memory"] is True  # the recipe's setting, on both sides
+    result = written[mode]
     assert result["plain_pairs_per_s"] > 0 and result["pipeline_pairs_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pipeline_pairs_per_s"] / result["plain_pairs_per_s"])
-    if mode == "interleaved":
+    for side in ("plain", "pipeline"):  # each process's own rusage, as shares and rates
+        assert 0 <= result[f"{side}_kernel_share"] < 1 and result[f"{side}_faults_per_cpu_s"] >= 0
+    if mode in ("interleaved", "alternating"):
         # epoch 1 of each side (epoch 0 is the warm-up): the same rows, whole batches of 32, at most 256
         [rows] = result["plain_rows"]
         assert result["pipeline_rows"] == [rows] and 0 < rows <= 256 and rows % 32 == 0

@@ -113,6 +113,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from siamese_core import checkpoint as ckpt_io
     from siamese_core.fit import EarlyStopping, new_model
+    from siamese_core.heap import keep_freed_memory
     from siamese_core.model import place_model
     from siamese_core.optim import apply_epoch_schedule, build_optimizer
     from siamese_core.train_step import train_step
@@ -123,6 +124,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Share the node's cores between its workers unless told otherwise.
     torch.set_num_threads(cfg.training.threads or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
+    if cfg.training.keep_freed_memory:
+        keep_freed_memory()
     device = ray.train.torch.get_device()
     gpu = device.type == "cuda"
 
