@@ -572,6 +572,21 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def side_by_side_setup(args: argparse.Namespace, label: str, layout: str) -> tuple[dict[str, Any], Any, int]:
+    """The overrides, job configuration and training alphabets of ``--interleave`` / ``--alternate``;
+    prints the run's header."""
+    from workflows import config as job_config
+    from workflows import shards
+
+    overrides = job_overrides(args)
+    cfg = job_config.build("demo", overrides=overrides)
+    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
+    print(f"== {label}: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
+          f"{args.batch}, {args.threads} torch threads, {args.epochs} x {layout}, {os.cpu_count()} cores",
+          flush=True)
+    return overrides, cfg, n_alphabets
+
+
 def interleaved(args: argparse.Namespace) -> dict[str, Any]:
     """Plain and pipeline epochs alternating in the one Train worker, on one model.
 
@@ -582,16 +597,10 @@ def interleaved(args: argparse.Namespace) -> dict[str, Any]:
     """
     import ray
 
-    from workflows import config as job_config
-    from workflows import shards
     from workflows.ray_setup import init_ray
 
-    overrides = job_overrides(args)
-    cfg = job_config.build("demo", overrides=overrides)
-    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
-    print(f"== interleaved: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
-          f"{args.batch}, {args.threads} torch threads, {args.epochs} x (plain epoch, pipeline epoch) in one "
-          f"Train worker, {os.cpu_count()} cores", flush=True)
+    overrides, cfg, n_alphabets = side_by_side_setup(args, "interleaved",
+                                                     "(plain epoch, pipeline epoch) in one Train worker")
     init_ray()
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
@@ -614,17 +623,11 @@ def alternated(args: argparse.Namespace) -> dict[str, Any]:
 
     import ray
 
-    from workflows import config as job_config
-    from workflows import shards
     from workflows.evaluate import load_split_arrays
     from workflows.ray_setup import init_ray
 
-    overrides = job_overrides(args)
-    cfg = job_config.build("demo", overrides=overrides)
-    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
-    print(f"== alternating: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
-          f"{args.batch}, {args.threads} torch threads, {args.epochs} x (plain epoch in its own process, "
-          f"pipeline epoch in the Train worker), {os.cpu_count()} cores", flush=True)
+    overrides, cfg, n_alphabets = side_by_side_setup(
+        args, "alternating", "(plain epoch in its own process, pipeline epoch in the Train worker)")
     arrays = load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size)
     init_ray()
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
