@@ -66,9 +66,3 @@ def test_kept_heap_stops_steady_training_steps_from_page_faulting() -> None:
     assert kept["faults_per_step"] < 250, (kept, default)
     print(f"minor page faults per steady step: glibc defaults {default['faults_per_step']:.0f}, "
           f"kept {kept['faults_per_step']:.1f}")
-
-
-def test_keep_freed_memory_is_idempotent_in_process() -> None:
-    from siamese_core.heap import keep_freed_memory
-
-    assert keep_freed_memory() is keep_freed_memory()
