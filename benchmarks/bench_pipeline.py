@@ -562,11 +562,8 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
           f"(ratio {pipe_step / plain_step:.3f}: cores taken from the steps by other processes, below)")
     print_cpu_shares(shares)
     print(f"  the plain loop's process, steady epochs: {plain_cores:.2f} cores")
-    for side, epochs in (("plain", before[steady] + after[steady]), ("pipeline", pipe[steady])):
-        kernel = kernel_use(epochs)
-        summary[f"{side}_kernel_share"], summary[f"{side}_faults_per_cpu_s"] = kernel
-        print(f"  {side} process, steady epochs: {kernel[0]:.1%} of its CPU time in the kernel, "
-              f"{kernel[1]:.0f} minor page faults per CPU-second")
+    report_kernel_use(summary, {"plain": before[steady] + after[steady], "pipeline": pipe[steady]},
+                      "  {} process, steady epochs")
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
     return summary
@@ -648,10 +645,15 @@ def alternated(args: argparse.Namespace) -> dict[str, Any]:
     return side_by_side(args, plain + pipe, "alternating")
 
 
-def kernel_use(epochs: list[dict[str, Any]]) -> tuple[float, float]:
-    """(kernel share of the process's CPU time, minor page faults per CPU-second) over epochs."""
-    cpu = sum(e["cpu_seconds"] for e in epochs)
-    return sum(e["sys_seconds"] for e in epochs) / cpu, sum(e["minor_faults"] for e in epochs) / cpu
+def report_kernel_use(summary: dict[str, Any], sides: dict[str, list[dict[str, Any]]], label: str) -> None:
+    """Each side's kernel share of its process's CPU time and minor page faults per CPU-second
+    over its epochs: printed (``label`` formatted with "<side> process") and added to ``summary``."""
+    for side, epochs in sides.items():
+        cpu = sum(e["cpu_seconds"] for e in epochs)
+        share, faults = sum(e["sys_seconds"] for e in epochs) / cpu, sum(e["minor_faults"] for e in epochs) / cpu
+        summary[f"{side}_kernel_share"], summary[f"{side}_faults_per_cpu_s"] = share, faults
+        print(f"{label.format(side + ' process')}: {share:.1%} of its CPU time in the kernel, "
+              f"{faults:.0f} minor page faults per CPU-second")
 
 
 def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label: str) -> dict[str, Any]:
@@ -677,11 +679,7 @@ def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label:
     print(f"after the start : {started:8.0f} pairs/s, ratio {started / plain_rate:.3f}")
     print(f"epoch by epoch  : ratios {min(pairwise):.3f}-{max(pairwise):.3f}, "
           f"median {statistics.median(pairwise):.3f}")
-    for side, epochs in (("plain", plain), ("pipeline", pipe)):
-        kernel = kernel_use(epochs)
-        summary[f"{side}_kernel_share"], summary[f"{side}_faults_per_cpu_s"] = kernel
-        print(f"{side + ' process':<16}: {kernel[0]:.1%} of its CPU time in the kernel, "
-              f"{kernel[1]:.0f} minor page faults per CPU-second")
+    report_kernel_use(summary, {"plain": plain, "pipeline": pipe}, "{:<16}")
     return summary
 
 
@@ -881,14 +879,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="data.decoded_cache_mb for the pipeline (default: the config's; 0 decodes every epoch)")
     parser.add_argument("--in-batch-negatives", type=float, default=None,
                         help="training.in_batch_negatives for both loops (default: the demo recipe's)")
-    parser.add_argument("--interleave", action="store_true",
-                        help="alternate plain and pipeline epochs in one Train worker (instead of the overhead runs)")
+    side_by_side_mode = parser.add_mutually_exclusive_group()
+    side_by_side_mode.add_argument("--interleave", action="store_true",
+                                   help="alternate plain and pipeline epochs in one Train worker "
+                                        "(instead of the overhead runs)")
     parser.add_argument("--glibc-malloc", action="store_true",
                         help="leave glibc's adaptive malloc thresholds on both sides "
                              "(training.keep_freed_memory=False; default: the recipe's, kept)")
-    parser.add_argument("--alternate", action="store_true",
-                        help="alternate plain epochs (in their own process) with pipeline epochs "
-                             "(instead of the overhead runs)")
+    side_by_side_mode.add_argument("--alternate", action="store_true",
+                                   help="alternate plain epochs (in their own process) with pipeline epochs "
+                                        "(instead of the overhead runs)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
@@ -897,8 +897,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
     out: dict[str, Any] = {}
-    if args.interleave and args.alternate:
-        parser.error("choose one of --interleave and --alternate")
     out["keep_freed_memory"] = not args.glibc_malloc
     print("malloc on both sides: " + ("glibc's adaptive thresholds (--glibc-malloc)" if args.glibc_malloc else
                                       "thresholds fixed by siamese_core.heap (training.keep_freed_memory)"), flush=True)

@@ -31,8 +31,8 @@ TOP_PAD_BYTES = 64 * 1024 * 1024  # a thread's arena keeps a heap it has emptied
 def keep_freed_memory() -> bool:
     """Set this process's malloc thresholds (once); False where the C library is not glibc.
 
-    Process-wide and irreversible, so call it in a process that trains (a Train worker,
-    a benchmark's loop, ``fit``), not in a library import.
+    Process-wide and irreversible, so the entry points that own a training process call it
+    (the Train worker's loop, the benchmarks' loops), not library code such as ``fit``.
     """
     name = ctypes.util.find_library("c")
     if not name:
