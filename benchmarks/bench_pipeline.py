@@ -563,7 +563,7 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     print_cpu_shares(shares)
     print(f"  the plain loop's process, steady epochs: {plain_cores:.2f} cores")
     report_kernel_use(summary, {"plain": before[steady] + after[steady], "pipeline": pipe[steady]},
-                      "  {} process, steady epochs")
+                      "  {}, steady epochs")
     print(f"trainer.fit() wall {wall:.1f}s for {args.epochs} epochs "
           f"(sum of timed epochs {sum(e['train_seconds'] for e in pipe):.1f}s)")
     return summary

@@ -298,9 +298,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
     train_images = torch.from_numpy(np.ascontiguousarray(train_arrays.images)).to(device)
     val_images = torch.from_numpy(np.ascontiguousarray(val_arrays.images)).to(device)
     vpairs = fixed_validation_pairs(val_arrays, val_pairs, negatives=negatives)
-    v_left = val_images[torch.from_numpy(vpairs.left).to(device)]
-    v_right = val_images[torch.from_numpy(vpairs.right).to(device)]
-    v_same = torch.from_numpy(vpairs.same)
+    v_left, v_right, v_same = (torch.from_numpy(a) for a in (vpairs.left, vpairs.right, vpairs.same))
     runs = oneshot_trials(val_arrays, val_oneshot)
     use_distortions = distort_cfg is not None and pair_cfg.distorted_copies > 0
 
@@ -328,7 +326,7 @@ def fit(model_cfg: ModelConfig, optim_cfg: OptimizerConfig, distort_cfg: Distort
             loss_sum += loss * left.shape[0]
             n_seen += left.shape[0]
         train_seconds = time.perf_counter() - t0
-        ver = verification_accuracy(model, v_left, v_right, v_same)
+        ver = verification_accuracy(model, val_images, v_left, v_right, v_same)
         one = evaluate_oneshot(validation_model(model, validation_views), val_images, runs, device)
         seconds = time.perf_counter() - t0
         epoch_times.append(seconds)

@@ -135,9 +135,36 @@ def predict_logits(model: SiameseNet, left: torch.Tensor, right: torch.Tensor,
         model.train(was_training)
 
 
-def verification_accuracy(model: SiameseNet, left: torch.Tensor, right: torch.Tensor,
+@torch.no_grad()
+def indexed_pair_logits(model: SiameseNet, images: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                        batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Logits ``(N,)`` for pairs given as row indices into ``images``, each distinct image embedded once.
+
+    Why: fixed validation pairs reuse images (the 2,000 pairs of ``fit.VALIDATION_PAIRS``
+    name 2,811 distinct validation images in their 4,000 slots), and the twin is the
+    cost; the head is cheap. Eval mode, in chunks; restores the previous mode.
+    """
+    device = next(model.parameters()).device
+    rows, slot = torch.unique(torch.cat([left.view(-1), right.view(-1)]).to(images.device), return_inverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = []
+        for i in range(0, rows.numel(), batch_size):
+            with _autocast(device, autocast_dtype):
+                chunks.append(model.embed(to_model_input(images[rows[i:i + batch_size]], device)).float())
+        h = torch.cat(chunks) if chunks else torch.zeros(0, model.config.embedding_dim, device=device)
+        slot = slot.to(device)
+        n = left.numel()
+        return model.head_logits(h[slot[:n]], h[slot[n:]])
+    finally:
+        model.train(was_training)
+
+
+def verification_accuracy(model: SiameseNet, images: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                           same: torch.Tensor, batch_size: int = 1024) -> float:
-    """Fraction of pairs classified right with threshold 0.5 on p (i.e. logit > 0)."""
-    logits = predict_logits(model, left, right, batch_size=batch_size)
+    """Fraction of pairs (row indices into ``images``) classified right with threshold 0.5
+    on p (i.e. logit > 0)."""
+    logits = indexed_pair_logits(model, images, left, right, batch_size=batch_size)
     predicted = logits > 0
     return float((predicted == (same.to(logits.device).view(-1) > 0.5)).float().mean())

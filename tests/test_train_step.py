@@ -8,8 +8,8 @@ import torch
 from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
 from siamese_core.model import build_model
 from siamese_core.optim import build_optimizer
-from siamese_core.train_step import (in_batch_negative_pairings, predict_logits, to_model_input, train_step,
-                                     verification_accuracy)
+from siamese_core.train_step import (in_batch_negative_pairings, indexed_pair_logits, predict_logits,
+                                     to_model_input, train_step, verification_accuracy)
 
 TINY = ModelConfig(preset="tiny", input_size=28, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2), embedding_dim=32)
 
@@ -38,6 +38,12 @@ def separable_pairs(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.T
     return draw(a), draw(b), same.float()
 
 
+def indexed(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same pairs as one image tensor and row indices into it (``verification_accuracy``'s form)."""
+    n = left.shape[0]
+    return torch.cat([left, right]), torch.arange(n), torch.arange(n, 2 * n)
+
+
 @pytest.mark.parametrize("config,steps", [(TINY, 80), ("cpu-small", 40)], ids=["tiny", "cpu-small"])
 def test_training_lowers_loss_and_learns(config, steps: int) -> None:
     model = build_model(config, seed=0)
@@ -49,7 +55,7 @@ def test_training_lowers_loss_and_learns(config, steps: int) -> None:
     first_loss = train_step(model, opt, left, right, same, None, None, g)
     losses = [train_step(model, opt, left, right, same, None, None, g) for _ in range(steps)]
     assert sum(losses[-5:]) / 5 < 0.8 * first_loss
-    assert verification_accuracy(model, vl, vr, vs) > 0.65  # held-out pairs; chance is 0.5
+    assert verification_accuracy(model, *indexed(vl, vr), vs) > 0.65  # held-out pairs; chance is 0.5
 
 
 def test_distorted_training_step_runs_and_is_seeded() -> None:
@@ -92,13 +98,29 @@ def test_verification_accuracy_threshold_and_mode() -> None:
     logits = predict_logits(model, left, right, batch_size=3)
     assert logits.shape == (10,)
     expected = ((logits > 0).float() == same).float().mean().item()
-    assert verification_accuracy(model, left, right, same, batch_size=4) == pytest.approx(expected)
+    assert verification_accuracy(model, *indexed(left, right), same, batch_size=4) == pytest.approx(expected)
     # forcing the head's bias flips every decision
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.fill_(5.0)
-    assert verification_accuracy(model, left, right, same) == pytest.approx(same.mean().item())
-    assert model.training  # restored after evaluation
+    assert verification_accuracy(model, *indexed(left, right), same) == pytest.approx(same.mean().item())
+
+
+def test_indexed_pair_logits_embed_each_image_once() -> None:
+    """Pairs that reuse images score as if each pair ran through the twin, with one embedding per image."""
+    model = build_model(TINY, seed=0)
+    images, _, _ = separable_pairs(12, TINY.input_size, seed=9)
+    g = torch.Generator().manual_seed(10)
+    left, right = torch.randint(0, 12, (40,), generator=g), torch.randint(0, 12, (40,), generator=g)
+    rows_embedded: list[int] = []
+    hook = model.fc.register_forward_hook(lambda _m, inputs, _o: rows_embedded.append(inputs[0].shape[0]))
+    logits = indexed_pair_logits(model, images, left, right, batch_size=5)
+    hook.remove()
+    assert sum(rows_embedded) == torch.unique(torch.cat([left, right])).numel()
+    assert max(rows_embedded) <= 5
+    reference = predict_logits(model, images[left], images[right])
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert model.training  # the previous mode is restored
 
 
 def test_uint8_inputs_are_scaled() -> None:

@@ -34,7 +34,8 @@ from workflows.config import JobConfig
 
 @dataclass
 class Validation:
-    """Rank 0's fixed validation data: verification pairs and Koch's 320 one-shot trials."""
+    """Rank 0's fixed validation data: verification pairs (``left``/``right``: row indices into
+    ``images``) and Koch's 320 one-shot trials."""
 
     images: Any
     left: Any
@@ -52,8 +53,7 @@ class Validation:
         arrays = load_split_arrays(cfg.data.uri, "validation", cfg.data.endpoint_url, size=cfg.model.input_size)
         images = torch.from_numpy(np.ascontiguousarray(arrays.images)).to(device)
         pairs = fixed_validation_pairs(arrays, negatives=cfg.training.negatives)  # type: ignore[arg-type]
-        index = lambda rows: images[torch.from_numpy(rows).to(device)]  # noqa: E731
-        return Validation(images=images, left=index(pairs.left), right=index(pairs.right),
+        return Validation(images=images, left=torch.from_numpy(pairs.left), right=torch.from_numpy(pairs.right),
                           same=torch.from_numpy(pairs.same), runs=oneshot_trials(arrays))
 
     def evaluate(self, model: Any, device: Any, views: str = "model") -> dict[str, float]:
@@ -62,7 +62,7 @@ class Validation:
         from siamese_core.train_step import verification_accuracy
 
         oneshot = evaluate_oneshot(validation_model(model, views), self.images, self.runs, device)
-        return {"val_verification_accuracy": verification_accuracy(model, self.left, self.right, self.same),
+        return {"val_verification_accuracy": verification_accuracy(model, self.images, self.left, self.right, self.same),
                 "val_oneshot_accuracy": oneshot.accuracy}
 
 
