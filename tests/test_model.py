@@ -120,6 +120,32 @@ def test_channels_last_gives_same_outputs(small: SiameseNet) -> None:
     assert torch.allclose(cl(x1, x2), expected, atol=1e-4)
 
 
+def paper_order_features(model: SiameseNet, x: torch.Tensor) -> torch.Tensor:
+    """The trunk as the paper draws it: each conv's ReLU, then its max-pool."""
+    for i in (1, 2, 3):
+        x = model.pool(torch.relu(getattr(model, f"conv{i}_norm")(getattr(model, f"conv{i}")(x))))
+    return torch.relu(model.conv4_norm(model.conv4(x)))
+
+
+@pytest.mark.parametrize("preset,batch_norm,channels_last",
+                         [("cpu-small", False, False), ("cpu-small", False, True), ("cpu-medium", True, True)])
+def test_trunk_pools_before_relu_with_the_papers_values_and_gradients(preset: str, batch_norm: bool,
+                                                                      channels_last: bool) -> None:
+    """The model applies each ReLU after its max-pool (cheaper); the two orders must agree exactly."""
+    model = place_model(build_model(ModelConfig.from_preset(preset, batch_norm=batch_norm), seed=0), "cpu",
+                        channels_last)
+    s = model.config.input_size
+    x = torch.rand(6, 1, s, s) - 0.3  # negative values too, so whole pooling windows fall below zero
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    got, want = model.features(x), paper_order_features(model, x)
+    assert torch.equal(got, want)
+    trunk = [p for name, p in model.named_parameters() if name.startswith("conv")]
+    grads = [torch.autograd.grad(f.square().sum(), trunk) for f in (got, want)]
+    for g_got, g_want in zip(*grads):
+        assert torch.allclose(g_got, g_want, atol=1e-6, rtol=1e-5)
+
+
 def test_place_model_picks_channels_last_on_cpu_unless_told(small: SiameseNet) -> None:
     def layout(model: SiameseNet) -> bool:
         return model.conv2.weight.is_contiguous(memory_format=torch.channels_last)

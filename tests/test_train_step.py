@@ -164,7 +164,12 @@ def test_forward_scores_extra_pairings_like_the_head() -> None:
     logits, others = model(left, right, (i, j))
     h = model.embed(torch.cat([left, right]))
     assert torch.allclose(logits, model(left, right), atol=1e-6)
-    assert torch.allclose(others, model.head_logits(h[i], h[j]), atol=1e-6)
+    reference = model.head_logits(h[i], h[j])
+    assert torch.allclose(others, reference, atol=1e-6)
+    # the same gradients as scoring the pairings by advanced indexing
+    params = list(model.parameters())
+    for g_got, g_want in zip(torch.autograd.grad(others.sum(), params), torch.autograd.grad(reference.sum(), params)):
+        assert torch.allclose(g_got, g_want, atol=1e-6, rtol=1e-5)
 
 
 def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> None:
