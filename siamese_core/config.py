@@ -424,7 +424,10 @@ Four runs scored 79.25, 81.50, 78.75 and 82.25% on test (mean 80.44%, against 79
 two more of the final code 80.50 and 83.50% (six: mean 80.96%, 80% in four), within
 the noise; on the 1,600 validation trials (none of them among the 320 that select epochs)
 77.39% against 77.89% with 13 views, also within the noise. The "square" views were tried on the same
-checkpoints and not adopted (``ModelConfig.test_time_views``; benchmarks/compare_views.py)."""
+checkpoints and not adopted (``ModelConfig.test_time_views``; benchmarks/compare_views.py).
+Since the in-batch pairings are scored with ``index_select`` (``SiameseNet.forward``), training
+on CPU is bit-for-bit repeatable, and ``make demo`` scores 80.00% or 80.25% on test for any
+run of 29 to 75 epochs on the development machines (README, "Measured figures")."""
 
 RECIPES: dict[str, TrainingRecipe] = {
     "demo": DEMO_DEFAULTS,

@@ -106,8 +106,9 @@ class SiameseNet(nn.Module):
         logits = self.head_logits(h1, h2)
         if pairings is None:
             return logits
-        # index_select, not h[idx]: its backward adds rows, where advanced indexing's
-        # accumulates through index_put_, several times slower on CPU.
+        # index_select, not h[idx]: its backward adds rows in a fixed order, where advanced
+        # indexing's accumulates through index_put_, several times slower on CPU and summing in
+        # a varying order with 2 threads (two runs with one seed trained different weights).
         return logits, self.head_logits(h.index_select(0, pairings[0]), h.index_select(0, pairings[1]))
 
     def similarity(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:

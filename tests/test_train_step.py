@@ -172,6 +172,33 @@ def test_forward_scores_extra_pairings_like_the_head() -> None:
         assert torch.allclose(g_got, g_want, atol=1e-6, rtol=1e-5)
 
 
+def test_in_batch_negative_steps_are_bitwise_repeatable_on_two_threads() -> None:
+    """A seed fixes the weights: steps with in-batch negatives repeat exactly with 2 torch threads.
+    (Scoring the pairings by advanced indexing did not: its backward, index_put_ with accumulation,
+    summed in a varying order, and two runs of these 8 steps differed by up to 1e-5.)"""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(11)
+        batches = [(torch.randint(0, 255, (32, 1, 35, 35), generator=g, dtype=torch.uint8),
+                    torch.randint(0, 255, (32, 1, 35, 35), generator=g, dtype=torch.uint8),
+                    (torch.rand(32, generator=g) < 0.5).float()) for _ in range(8)]
+
+        def trained() -> torch.Tensor:
+            model = build_model("cpu-small", seed=0).to(memory_format=torch.channels_last)
+            opt = build_optimizer(model, OptimizerConfig())
+            for left, right, same in batches:
+                train_step(model, opt, left, right, same, in_batch_negatives=1.0)
+            return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+        first, second = trained(), trained()
+        assert not torch.equal(first, torch.cat([p.detach().flatten()
+                                                 for p in build_model("cpu-small", seed=0).parameters()]))
+        assert torch.equal(first, second)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
 def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> None:
     left, right, same = separable_pairs(16, TINY.input_size, seed=10)
     after = {}
