@@ -117,25 +117,6 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
 
 
 @torch.no_grad()
-def predict_logits(model: SiameseNet, left: torch.Tensor, right: torch.Tensor,
-                   batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Logits ``(N,)`` for N pairs, in eval mode and in chunks (restores the previous mode)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = []
-        for i in range(0, left.shape[0], batch_size):
-            l = to_model_input(left[i:i + batch_size], device)
-            r = to_model_input(right[i:i + batch_size], device)
-            with _autocast(device, autocast_dtype):
-                out.append(model(l, r).float())
-        return torch.cat(out) if out else torch.zeros(0, device=device)
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
 def indexed_pair_logits(model: SiameseNet, images: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
                         batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Logits ``(N,)`` for pairs given as row indices into ``images``, each distinct image embedded once.

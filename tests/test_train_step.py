@@ -8,8 +8,8 @@ import torch
 from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
 from siamese_core.model import build_model
 from siamese_core.optim import build_optimizer
-from siamese_core.train_step import (in_batch_negative_pairings, indexed_pair_logits, predict_logits,
-                                     to_model_input, train_step, verification_accuracy)
+from siamese_core.train_step import (in_batch_negative_pairings, indexed_pair_logits, to_model_input, train_step,
+                                     verification_accuracy)
 
 TINY = ModelConfig(preset="tiny", input_size=28, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2), embedding_dim=32)
 
@@ -42,6 +42,16 @@ def indexed(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torc
     """The same pairs as one image tensor and row indices into it (``verification_accuracy``'s form)."""
     n = left.shape[0]
     return torch.cat([left, right]), torch.arange(n), torch.arange(n, 2 * n)
+
+
+@torch.no_grad()
+def pair_by_pair_logits(model, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """The reference: every pair through the whole siamese net, in eval mode."""
+    model.eval()
+    try:
+        return model(left, right)
+    finally:
+        model.train()
 
 
 @pytest.mark.parametrize("config,steps", [(TINY, 80), ("cpu-small", 40)], ids=["tiny", "cpu-small"])
@@ -95,7 +105,7 @@ def test_bf16_autocast_step() -> None:
 def test_verification_accuracy_threshold_and_mode() -> None:
     model = build_model(TINY, seed=0)
     left, right, same = separable_pairs(10, TINY.input_size, seed=8)
-    logits = predict_logits(model, left, right, batch_size=3)
+    logits = pair_by_pair_logits(model, left, right)
     assert logits.shape == (10,)
     expected = ((logits > 0).float() == same).float().mean().item()
     assert verification_accuracy(model, *indexed(left, right), same, batch_size=4) == pytest.approx(expected)
@@ -118,7 +128,7 @@ def test_indexed_pair_logits_embed_each_image_once() -> None:
     hook.remove()
     assert sum(rows_embedded) == torch.unique(torch.cat([left, right])).numel()
     assert max(rows_embedded) <= 5
-    reference = predict_logits(model, images[left], images[right])
+    reference = pair_by_pair_logits(model, images[left], images[right])
     assert torch.allclose(logits, reference, atol=1e-5)
     assert model.training  # the previous mode is restored
 
