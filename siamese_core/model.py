@@ -57,8 +57,6 @@ class SiameseNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         # ReLU after each max-pool, not before: the two commute (ReLU is monotone), so values
         # and gradients are the paper's, but the ReLU then touches a quarter of the values.
-        # On 2 CPU cores its forward and backward over the full maps cost as much as half the
-        # convolutions' time in torch's profiler.
         x = torch.relu(self.pool(self.conv1_norm(self.conv1(x))))
         x = torch.relu(self.pool(self.conv2_norm(self.conv2(x))))
         x = torch.relu(self.pool(self.conv3_norm(self.conv3(x))))

@@ -118,7 +118,7 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
 
 @torch.no_grad()
 def indexed_pair_logits(model: SiameseNet, images: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                        batch_size: int = 1024, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        batch_size: int = 1024) -> torch.Tensor:
     """Logits ``(N,)`` for pairs given as row indices into ``images``, each distinct image embedded once.
 
     Why: fixed validation pairs reuse images (the 2,000 pairs of ``fit.VALIDATION_PAIRS``
@@ -132,8 +132,7 @@ def indexed_pair_logits(model: SiameseNet, images: torch.Tensor, left: torch.Ten
     try:
         chunks = []
         for i in range(0, rows.numel(), batch_size):
-            with _autocast(device, autocast_dtype):
-                chunks.append(model.embed(to_model_input(images[rows[i:i + batch_size]], device)).float())
+            chunks.append(model.embed(to_model_input(images[rows[i:i + batch_size]], device)))
         h = torch.cat(chunks) if chunks else torch.zeros(0, model.config.embedding_dim, device=device)
         slot = slot.to(device)
         n = left.numel()
