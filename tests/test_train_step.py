@@ -126,11 +126,11 @@ def test_indexed_pair_logits_embed_each_image_once() -> None:
     hook = model.fc.register_forward_hook(lambda _m, inputs, _o: rows_embedded.append(inputs[0].shape[0]))
     logits = indexed_pair_logits(model, images, left, right, batch_size=5)
     hook.remove()
+    assert model.training  # the previous mode is restored
     assert sum(rows_embedded) == torch.unique(torch.cat([left, right])).numel()
     assert max(rows_embedded) <= 5
     reference = pair_by_pair_logits(model, images[left], images[right])
     assert torch.allclose(logits, reference, atol=1e-5)
-    assert model.training  # the previous mode is restored
 
 
 def test_uint8_inputs_are_scaled() -> None:
