@@ -87,6 +87,22 @@ def test_registered_model_is_the_best_checkpoint(trained) -> None:
     assert registered.config.test_time_views == from_checkpoint.config.test_time_views == "cross"
 
 
+def test_a_rerun_with_the_seed_trains_the_same_weights_on_two_workers(trained, small_shards, tmp_path) -> None:
+    """Each epoch's pairs, which worker trains on which of them, the distortions of their copies
+    and gloo's averaging of the two workers' gradients all repeat: a second run of the same job
+    trains the same weights bit for bit (README, "Reproducible")."""
+    summary, _, _ = trained
+    overrides = _overrides(small_shards, tmp_path)
+    again = train.run(job_config.build("demo", overrides=overrides), "demo", overrides)
+    assert again["best_epoch"] == summary["best_epoch"]
+    assert again["best_val_oneshot_accuracy"] == summary["best_val_oneshot_accuracy"]
+    first = ckpt_io.load_payload(summary["checkpoint"])["state_dict"]
+    second = ckpt_io.load_payload(again["checkpoint"])["state_dict"]
+    assert first.keys() == second.keys()
+    differing = [k for k in first if not torch.equal(first[k], second[k])]
+    assert differing == []
+
+
 def test_epochs_are_selected_on_single_view_validation(trained, small_shards) -> None:
     """The demo selects epochs on one view (training.validation_views=single): the best
     checkpoint's logged validation accuracy is its one-view score, not its 13-view one."""
