@@ -194,16 +194,18 @@ def test_in_batch_negative_steps_are_bitwise_repeatable_on_two_threads() -> None
                     torch.randint(0, 255, (32, 1, 35, 35), generator=g, dtype=torch.uint8),
                     (torch.rand(32, generator=g) < 0.5).float()) for _ in range(8)]
 
+        def weights(model) -> torch.Tensor:
+            return torch.cat([p.detach().flatten() for p in model.parameters()])
+
         def trained() -> torch.Tensor:
             model = build_model("cpu-small", seed=0).to(memory_format=torch.channels_last)
             opt = build_optimizer(model, OptimizerConfig())
             for left, right, same in batches:
                 train_step(model, opt, left, right, same, in_batch_negatives=1.0)
-            return torch.cat([p.detach().flatten() for p in model.parameters()])
+            return weights(model)
 
         first, second = trained(), trained()
-        assert not torch.equal(first, torch.cat([p.detach().flatten()
-                                                 for p in build_model("cpu-small", seed=0).parameters()]))
+        assert not torch.equal(first, weights(build_model("cpu-small", seed=0)))
         assert torch.equal(first, second)
     finally:
         torch.set_num_threads(previous_threads)
