@@ -40,6 +40,14 @@ processes, so only one trains at a time): a plain epoch, then a pipeline epoch
 whose pass starts only then, and so on. This cancels the drift like
 ``--interleave`` while the plain loop stays outside Ray's worker; Ray's
 processes are alive beside both sides. One host only (the files are local).
+With ``--look-ahead`` the pipeline streams as the training job does: each
+next epoch's pass runs during the epoch (``EpochStream``), and before handing
+the turn over the worker waits for whatever of it is left (counted in its
+epoch), so no pair-stage work runs in the plain loop's turn. The waiting side
+polls for its turn every ``--turn-poll-ms`` (50): at 5 ms, the poll of a
+waiting process at nice 0 slowed a Train worker at Ray's nice 15 beside it
+(benchmarks/RESULTS.md). Both modes also print each side's process CPU time
+per epoch, by thread.
 
 Part 2 (``--memory``). Writes synthetic training shards (copies of the real
 alphabets under new names, one shard per alphabet, the shard schema and a
@@ -161,11 +169,38 @@ class ProcessUsage:
 
     def __init__(self) -> None:
         self.start = resource.getrusage(resource.RUSAGE_SELF)
+        self.start_threads = thread_cpu()
 
-    def since(self) -> dict[str, float]:
+    def since(self) -> dict[str, Any]:
         now = resource.getrusage(resource.RUSAGE_SELF)
+        threads = thread_cpu()
+        by_name: dict[str, float] = {}
+        for tid, (name, cpu) in threads.items():
+            by_name[name] = by_name.get(name, 0.0) + cpu - self.start_threads.get(tid, (name, 0.0))[1]
         return {"sys_seconds": now.ru_stime - self.start.ru_stime,
-                "minor_faults": float(now.ru_minflt - self.start.ru_minflt)}
+                "minor_faults": float(now.ru_minflt - self.start.ru_minflt), "threads_cpu": by_name}
+
+
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of each of this process's threads, by thread id: (name, seconds).
+
+    The main thread is named "main"; threads named as the process, "pool": torch's
+    intra-op threads and, in a Ray Train worker, the thread that runs the training loop.
+    Why: it tells the steps' CPU time from Ray's own threads in the same process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    pid, out = os.getpid(), {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        tid = int(task.name)
+        name = "main" if tid == pid else comm
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    main_comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    return {tid: ("pool" if name == main_comm else name, cpu) for tid, (name, cpu) in out.items()}
 
 
 def plain_model(cfg: Any) -> tuple[Any, Any]:
@@ -207,13 +242,14 @@ class Turns:
     epochs alternate (``--alternate``).
 
     Why files: the two processes share nothing else (one is the driver's spawned child,
-    the other a Ray actor), and both run on this host. Polling every 5 ms costs nothing
-    measurable beside a training epoch. Either side, or the driver, posts ``abort`` when it
+    the other a Ray actor), and both run on this host. The waiting side polls every
+    ``poll_s``, outside the timed epochs, so a turn starts up to that late; each poll wakes
+    a process beside the one training. Either side, or the driver, posts ``abort`` when it
     fails, so the other stops waiting with an error instead of hanging.
     """
 
-    def __init__(self, directory: str, timeout_s: float = 900.0) -> None:
-        self.directory, self.timeout_s = Path(directory), timeout_s
+    def __init__(self, directory: str, timeout_s: float = 900.0, poll_s: float = 0.05) -> None:
+        self.directory, self.timeout_s, self.poll_s = Path(directory), timeout_s, poll_s
 
     def post(self, name: str) -> None:
         tmp = self.directory / f".{name}.tmp"
@@ -228,12 +264,13 @@ class Turns:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"--alternate: no {name!r} in {self.directory} after {self.timeout_s:.0f}s; "
                                    "the other side stopped (see its output above)")
-            time.sleep(0.005)
+            time.sleep(self.poll_s)
 
 
-def plain_alternating(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, turn_dir: str) -> list[dict[str, float]]:
+def plain_alternating(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, turn_dir: str,
+                      poll_s: float) -> list[dict[str, float]]:
     """:func:`plain_epochs`, each epoch waiting for the Train worker's epoch before it (``--alternate``)."""
-    turns = Turns(turn_dir)
+    turns = Turns(turn_dir, poll_s=poll_s)
     try:
         model, optimizer = plain_model(cfg)
         setup = plain_setup(cfg, arrays, n_alphabets)
@@ -292,15 +329,17 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
     shard = ray.train.get_dataset_shard("train")
     interleave = loop_config.get("interleave")
-    turns = Turns(loop_config["alternate"]["turn_dir"]) if loop_config.get("alternate") else None
+    turns = (Turns(loop_config["alternate"]["turn_dir"], poll_s=loop_config["alternate"]["poll_s"])
+             if loop_config.get("alternate") else None)
     if interleave:
         from workflows.evaluate import load_split_arrays
 
         setup = plain_setup(cfg, load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size),
                             interleave["n_alphabets"])
-    elif turns is None:
+    look_ahead = bool(turns is not None and loop_config["alternate"].get("look_ahead"))
+    if turns is None or look_ahead:
         stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
-    else:
+    if turns is not None:
         turns.post("pipeline-ready")
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
@@ -308,7 +347,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             history.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
         elif turns is not None:
             turns.wait(f"plain-{epoch}")
-        if interleave or turns is not None:
+        if interleave or (turns is not None and not look_ahead):
             # A plain epoch first (here, on the same model, or in the plain loop's process), then
             # a pipeline epoch whose pass starts only now (no look-ahead: the next pass's pair stage
             # would otherwise run during the plain epoch and slow it); its start-up wait is
@@ -337,8 +376,18 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
                            in_batch_negatives=cfg.training.in_batch_negatives)
                 rows += left.shape[0]
             step += time.perf_counter() - ts
+        handover = 0.0
+        if look_ahead:
+            # As in the job, the next epoch's pass ran during this one's steps; whatever of it is
+            # left is waited for here and counted, so no pair-stage work runs in the plain turn.
+            th = time.perf_counter()
+            if not stream.wait_prepared(timeout_s=600.0):
+                raise RuntimeError("--look-ahead: the next epoch's pass did not fit in data.prefetch_chunks "
+                                   "chunks within 600 s; lower --pairs or raise data.prefetch_chunks")
+            handover = time.perf_counter() - th
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
+                        "handover_wait_s": handover,
                         "cpu_seconds": time.process_time() - c0, **usage.since(),
                         "wait_s": wait, "step_s": step, "side": "pipeline", "pid": os.getpid(),
                         "wall_end": time.time(), "wall_start": time.time() - seconds})
@@ -385,7 +434,9 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
             continue
         print(f"  pipeline epoch {int(e['epoch'])}: {int(e['rows'])} pairs in {e['train_seconds']:.2f}s = "
               f"{e['rows'] / e['train_seconds']:.0f} pairs/s (first batch {e['first_batch_s']:.2f}s, "
-              f"later waits {e['wait_s']:.2f}s, steps {e['step_s']:.2f}s)", flush=True)
+              f"later waits {e['wait_s']:.2f}s, steps {e['step_s']:.2f}s"
+              + (f", next pass's rest {e['handover_wait_s']:.2f}s" if e.get("handover_wait_s") else "") + ")",
+              flush=True)
     return epochs, wall
 
 
@@ -632,9 +683,12 @@ def alternated(args: argparse.Namespace) -> dict[str, Any]:
     turns.directory.mkdir()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            plain_side = pool.submit(plain_alternating, cfg, arrays, n_alphabets, args.epochs, str(turns.directory))
+            plain_side = pool.submit(plain_alternating, cfg, arrays, n_alphabets, args.epochs, str(turns.directory),
+                                     args.turn_poll_ms / 1000)
             try:
-                pipe, _ = pipeline_epochs(cfg, overrides, storage_dir, alternate={"turn_dir": str(turns.directory)})
+                pipe, _ = pipeline_epochs(cfg, overrides, storage_dir, alternate={
+                    "turn_dir": str(turns.directory), "look_ahead": args.look_ahead,
+                    "poll_s": args.turn_poll_ms / 1000})
             except BaseException:
                 turns.post("abort")
                 raise
@@ -670,15 +724,38 @@ def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label:
                "pipeline_after_start_pairs_per_s": started, "ratio_after_start": started / plain_rate,
                "epoch_ratios": pairwise, "plain_rows": [int(e["rows"]) for e in plain],
                "pipeline_rows": [int(e["rows"]) for e in pipe],
-               "start_wait_s_per_epoch": statistics.mean(e["first_batch_s"] for e in pipe)}
+               "start_wait_s_per_epoch": statistics.mean(e["first_batch_s"] for e in pipe),
+               "look_ahead": bool(getattr(args, "look_ahead", False)),
+               "turn_poll_ms": getattr(args, "turn_poll_ms", None),
+               "handover_wait_s_per_epoch": statistics.mean(e.get("handover_wait_s", 0.0) for e in pipe)}
     print(f"-- {label} result (epochs {steady.start}..{args.epochs - 1}; training only)")
     print(f"plain epochs    : {plain_rate:8.0f} pairs/s")
-    print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
-          f"each pass's start-up counted ({summary['start_wait_s_per_epoch']:.2f}s per epoch, which the "
-          f"training job's look-ahead hides)")
+    if summary["look_ahead"]:
+        print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
+              f"each next pass run during the epoch as in the job, its rest waited for at the epoch's end "
+              f"and counted ({summary['handover_wait_s_per_epoch']:.2f}s per epoch), first batch "
+              f"{summary['start_wait_s_per_epoch']:.2f}s per epoch")
+    else:
+        print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
+              f"each pass's start-up counted ({summary['start_wait_s_per_epoch']:.2f}s per epoch, which the "
+              f"training job's look-ahead hides)")
     print(f"after the start : {started:8.0f} pairs/s, ratio {started / plain_rate:.3f}")
     print(f"epoch by epoch  : ratios {min(pairwise):.3f}-{max(pairwise):.3f}, "
           f"median {statistics.median(pairwise):.3f}")
+    for side, epochs in (("plain", plain), ("pipeline", pipe)):
+        cpu, wall = sum(e["cpu_seconds"] for e in epochs), sum(e["train_seconds"] for e in epochs)
+        summary[f"{side}_cpu_s_per_epoch"], summary[f"{side}_cores"] = cpu / len(epochs), cpu / wall
+    print(f"process CPU     : plain {summary['plain_cpu_s_per_epoch']:.2f}s per epoch "
+          f"({summary['plain_cores']:.2f} cores), pipeline's Train worker "
+          f"{summary['pipeline_cpu_s_per_epoch']:.2f}s ({summary['pipeline_cores']:.2f} cores)")
+    for side, epochs in (("plain", plain), ("pipeline", pipe)):
+        names: dict[str, float] = {}
+        for e in epochs:
+            for name, cpu in e.get("threads_cpu", {}).items():
+                names[name] = names.get(name, 0.0) + cpu / len(epochs)
+        summary[f"{side}_threads_cpu_s_per_epoch"] = names
+        print(f"{side} threads CPU s/epoch: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                         sorted(names.items(), key=lambda kv: -kv[1]) if v >= 0.005))
     report_kernel_use(summary, {"plain": plain, "pipeline": pipe}, "{:<16}")
     return summary
 
@@ -889,6 +966,12 @@ def main(argv: list[str] | None = None) -> int:
     side_by_side_mode.add_argument("--alternate", action="store_true",
                                    help="alternate plain epochs (in their own process) with pipeline epochs "
                                         "(instead of the overhead runs)")
+    parser.add_argument("--look-ahead", action="store_true",
+                        help="with --alternate: the pipeline starts each next epoch's pass during the epoch, "
+                             "as the training job does, and waits for its rest before the plain turn "
+                             "(counted); default: each pass starts at its turn, its start-up counted")
+    parser.add_argument("--turn-poll-ms", type=float, default=50.0,
+                        help="with --alternate: how often the waiting side looks for its turn (ms)")
     parser.add_argument("--memory", action="store_true", help="also run the 1x vs --scale memory check")
     parser.add_argument("--no-overhead", action="store_true", help="skip the overhead comparison")
     parser.add_argument("--scale", type=int, default=10)
@@ -896,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the synthetic shards")
     parser.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
+    if args.look_ahead and not args.alternate:
+        parser.error("--look-ahead goes with --alternate")
     out: dict[str, Any] = {}
     out["keep_freed_memory"] = not args.glibc_malloc
     print("malloc on both sides: " + ("glibc's adaptive thresholds (--glibc-malloc)" if args.glibc_malloc else

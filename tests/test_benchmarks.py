@@ -115,11 +115,12 @@ def test_compare_views_scores_each_checkpoint_with_each_view_set(omniglot_dir: P
     assert table[str(run / "checkpoint_b")]["square:1"] == evaluate_oneshot(with_test_time_shift(best, 1), val, trials).accuracy
 
 
-MODE_FLAGS = {"interleaved": ["--interleave"], "alternating": ["--alternate"], "overhead": []}
+MODE_FLAGS = {"interleaved": ["--interleave"], "alternating": ["--alternate"],
+              "alternating-look-ahead": ["--alternate", "--look-ahead"], "overhead": []}
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["interleaved", "alternating", "overhead"])
+@pytest.mark.parametrize("mode", sorted(MODE_FLAGS))
 def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_shards: str, ray_cluster,
                                                                 tmp_path: Path) -> None:
     """bench_pipeline.py runs end to end on real shards (through the session's Ray, as a client)
@@ -136,15 +137,24 @@ def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     written = json.loads(figures.read_text())
     assert written["keep_freed_memory"] is True  # the recipe's setting, on both sides
-    result = written[mode]
+    result = written[mode.removesuffix("-look-ahead")]
     assert result["plain_pairs_per_s"] > 0 and result["pipeline_pairs_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pipeline_pairs_per_s"] / result["plain_pairs_per_s"])
     for side in ("plain", "pipeline"):  # each process's own rusage, as shares and rates
         assert 0 <= result[f"{side}_kernel_share"] < 1 and result[f"{side}_faults_per_cpu_s"] >= 0
-    if mode in ("interleaved", "alternating"):
+    if mode != "overhead":
         # epoch 1 of each side (epoch 0 is the warm-up): the same rows, whole batches of 32, at most 256
         [rows] = result["plain_rows"]
         assert result["pipeline_rows"] == [rows] and 0 < rows <= 256 and rows % 32 == 0
+        for side in ("plain", "pipeline"):  # each side's process CPU per epoch, and by thread
+            assert result[f"{side}_cpu_s_per_epoch"] > 0 and 0 < result[f"{side}_cores"]
+            assert sum(result[f"{side}_threads_cpu_s_per_epoch"].values()) > 0
+        if mode == "alternating-look-ahead":
+            # epoch 1's pass ran during epoch 0 as in the job: queued before epoch 1 asked for it
+            assert result["look_ahead"] is True and result["handover_wait_s_per_epoch"] >= 0
+            assert "its rest waited for at the epoch's end" in proc.stdout
+        else:
+            assert result["look_ahead"] is False
         m = re.search(r"pipeline epochs : +\d+ pairs/s, ratio ([\d.]+)", proc.stdout)
     else:
         m = re.search(r"ratio +: +([\d.]+) +\(target >= 0.95\)", proc.stdout)

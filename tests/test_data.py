@@ -235,6 +235,30 @@ def test_epoch_stream_runs_one_pass_ahead_at_most() -> None:
     stream.close()
 
 
+def test_epoch_stream_wait_prepared_returns_once_the_next_pass_is_queued() -> None:
+    """What the benchmark's look-ahead mode relies on: after it, no pass work is in flight."""
+    import threading
+
+    release = threading.Event()
+
+    class _SlowShard(_FakeShard):
+        def iter_torch_batches(self, **kwargs):
+            for chunk in super().iter_torch_batches(**kwargs):
+                if chunk["epoch"] == 1 and chunk["chunk"] == 2:
+                    release.wait(10)  # epoch 1's last chunk is held back until the test says so
+                yield chunk
+
+    events: list = []
+    stream = data.EpochStream(_SlowShard(events), chunk_pairs=64, batch_size=8, seed=100, end_epoch=2)
+    assert [c["chunk"] for c in stream.epoch(0)] == [0, 1, 2]
+    assert not stream.wait_prepared(timeout_s=0.3)  # epoch 1's pass still holds its last chunk
+    release.set()
+    assert stream.wait_prepared(timeout_s=10)
+    assert [c["chunk"] for c in stream.epoch(1)] == [0, 1, 2]
+    assert stream.wait_prepared(timeout_s=0)  # end_epoch reached: nothing is prepared
+    stream.close()
+
+
 def test_epoch_stream_asked_for_another_epoch_starts_that_one() -> None:
     """After a restart from a checkpoint the worker asks for its epoch, not the prepared one."""
     events: list = []

@@ -394,6 +394,12 @@ class EpochStream:
             else:  # left part-way (an error, a break): its remaining chunks are of no use
                 current.abandon()
 
+    def wait_prepared(self, timeout_s: float | None = None) -> bool:
+        """Block until the pass prepared for the next epoch has queued all its chunks (or
+        failed); True at once if none is prepared. Why: a caller that must know no pair-stage
+        work is left in flight, such as the benchmark that hands the cores to another loop."""
+        return self._pass is None or self._pass.filled.wait(timeout_s)
+
     def close(self) -> None:
         """Stop the prepared pass, if any (the worker is done)."""
         if self._pass is not None:
@@ -434,6 +440,7 @@ class _Pass:
         self.queue: "queue.Queue[Any]" = queue.Queue(maxsize=max(1, queue_chunks))
         self.stopped = threading.Event()
         self.consumed = threading.Event()  # the worker has begun this pass
+        self.filled = threading.Event()  # every chunk is queued (or the pass failed or stopped)
         self.successor: _Pass | None = None
         self._follow = follow
         self._thread = threading.Thread(target=self._run, args=(chunks,), name=f"pairs-epoch-{epoch}", daemon=True)
@@ -447,6 +454,8 @@ class _Pass:
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(exc)
             return
+        finally:
+            self.filled.set()
         # One pass ahead at most: the next starts once this one is exhausted (all its tasks have
         # finished) and the worker is training on it.
         while not self.consumed.wait(0.2):
