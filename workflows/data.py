@@ -397,7 +397,8 @@ class EpochStream:
     def wait_prepared(self, timeout_s: float | None = None) -> bool:
         """Block until the pass prepared for the next epoch has queued all its chunks (or
         failed); True at once if none is prepared. Why: a caller that must know no pair-stage
-        work is left in flight, such as the benchmark that hands the cores to another loop."""
+        work is left in flight, such as the benchmark that hands the cores to another loop.
+        A pass of more than ``queue_chunks`` chunks fills only as the worker drains it."""
         return self._pass is None or self._pass.filled.wait(timeout_s)
 
     def close(self) -> None:
