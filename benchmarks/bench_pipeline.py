@@ -187,20 +187,20 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     The main thread is named "main"; threads named as the process, "pool": torch's
     intra-op threads and, in a Ray Train worker, the thread that runs the training loop.
     Why: it tells the steps' CPU time from Ray's own threads in the same process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    pid, out = os.getpid(), {}
+    tick, pid = os.sysconf("SC_CLK_TCK"), os.getpid()
+    main_comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    out = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             stat = (task / "stat").read_text()
-        except OSError:
+        except OSError:  # the thread ended meanwhile
             continue
         comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        utime, stime = stat[stat.rindex(")") + 2:].split()[11:13]
         tid = int(task.name)
-        name = "main" if tid == pid else comm
-        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
-    main_comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    return {tid: ("pool" if name == main_comm else name, cpu) for tid, (name, cpu) in out.items()}
+        name = "main" if tid == pid else "pool" if comm == main_comm else comm
+        out[tid] = (name, (int(utime) + int(stime)) / tick)
+    return out
 
 
 def plain_model(cfg: Any) -> tuple[Any, Any]:
@@ -725,35 +725,33 @@ def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label:
                "epoch_ratios": pairwise, "plain_rows": [int(e["rows"]) for e in plain],
                "pipeline_rows": [int(e["rows"]) for e in pipe],
                "start_wait_s_per_epoch": statistics.mean(e["first_batch_s"] for e in pipe),
-               "look_ahead": bool(getattr(args, "look_ahead", False)),
-               "turn_poll_ms": getattr(args, "turn_poll_ms", None),
+               "look_ahead": args.look_ahead, "turn_poll_ms": args.turn_poll_ms,
                "handover_wait_s_per_epoch": statistics.mean(e.get("handover_wait_s", 0.0) for e in pipe)}
     print(f"-- {label} result (epochs {steady.start}..{args.epochs - 1}; training only)")
     print(f"plain epochs    : {plain_rate:8.0f} pairs/s")
-    if summary["look_ahead"]:
-        print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
-              f"each next pass run during the epoch as in the job, its rest waited for at the epoch's end "
+    passes = (f"each next pass run during the epoch as in the job, its rest waited for at the epoch's end "
               f"and counted ({summary['handover_wait_s_per_epoch']:.2f}s per epoch), first batch "
-              f"{summary['start_wait_s_per_epoch']:.2f}s per epoch")
-    else:
-        print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
+              f"{summary['start_wait_s_per_epoch']:.2f}s per epoch" if args.look_ahead else
               f"each pass's start-up counted ({summary['start_wait_s_per_epoch']:.2f}s per epoch, which the "
               f"training job's look-ahead hides)")
+    print(f"pipeline epochs : {pipe_rate:8.0f} pairs/s, ratio {pipe_rate / plain_rate:.3f} (target >= 0.95); "
+          + passes)
     print(f"after the start : {started:8.0f} pairs/s, ratio {started / plain_rate:.3f}")
     print(f"epoch by epoch  : ratios {min(pairwise):.3f}-{max(pairwise):.3f}, "
           f"median {statistics.median(pairwise):.3f}")
     for side, epochs in (("plain", plain), ("pipeline", pipe)):
         cpu, wall = sum(e["cpu_seconds"] for e in epochs), sum(e["train_seconds"] for e in epochs)
         summary[f"{side}_cpu_s_per_epoch"], summary[f"{side}_cores"] = cpu / len(epochs), cpu / wall
+        names: dict[str, float] = {}
+        for e in epochs:
+            for name, seconds in e["threads_cpu"].items():
+                names[name] = names.get(name, 0.0) + seconds / len(epochs)
+        summary[f"{side}_threads_cpu_s_per_epoch"] = names
     print(f"process CPU     : plain {summary['plain_cpu_s_per_epoch']:.2f}s per epoch "
           f"({summary['plain_cores']:.2f} cores), pipeline's Train worker "
           f"{summary['pipeline_cpu_s_per_epoch']:.2f}s ({summary['pipeline_cores']:.2f} cores)")
-    for side, epochs in (("plain", plain), ("pipeline", pipe)):
-        names: dict[str, float] = {}
-        for e in epochs:
-            for name, cpu in e.get("threads_cpu", {}).items():
-                names[name] = names.get(name, 0.0) + cpu / len(epochs)
-        summary[f"{side}_threads_cpu_s_per_epoch"] = names
+    for side in ("plain", "pipeline"):
+        names = summary[f"{side}_threads_cpu_s_per_epoch"]
         print(f"{side} threads CPU s/epoch: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                          sorted(names.items(), key=lambda kv: -kv[1]) if v >= 0.005))
     report_kernel_use(summary, {"plain": plain, "pipeline": pipe}, "{:<16}")

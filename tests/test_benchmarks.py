@@ -152,6 +152,7 @@ def test_pipeline_benchmark_reports_both_rates_and_their_ratio(mode: str, small_
         if mode == "alternating-look-ahead":
             # epoch 1's pass ran during epoch 0 as in the job: queued before epoch 1 asked for it
             assert result["look_ahead"] is True and result["handover_wait_s_per_epoch"] >= 0
+            assert result["start_wait_s_per_epoch"] < 0.1  # its chunks were queued: no start-up to wait for
             assert "its rest waited for at the epoch's end" in proc.stdout
         else:
             assert result["look_ahead"] is False
