@@ -13,8 +13,11 @@ Design notes (why, not what):
 * ``scoring_embed`` is what every comparison after training uses (one-shot
   trials, ``predict``, the served model): the mean embedding over shifted views
   when ``config.test_time_shift_px`` asks for them. Training uses ``embed``.
-* Input is ``(B, 1, S, S)`` float in ``[0, 1]`` with ink = 1.0 and background
-  = 0.0 (so zero padding in distortions is background).
+* Input is ``(B, C, S, S)`` float in ``[0, 1]``, ``C`` = 1 (gray) or 3 (rgb),
+  as :func:`siamese_core.images.decode_image` makes it (for Omniglot ink = 1.0 and
+  background = 0.0, so zero padding in distortions is background). The model's
+  per-channel normalisation (``config.preprocess.mean/std``) is its own first
+  step, so every caller (training, evaluation, ``predict``, serving) applies it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,18 @@ class SiameseNet(nn.Module):
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
-        self.config = config if config is not None else ModelConfig.from_preset("koch")
+        config = config if config is not None else ModelConfig.from_preset("koch")
+        # A network always knows its whole preprocessing: what the data set left open is the paper's.
+        self.config = dataclasses.replace(config, preprocess=config.preprocess.resolved())
         c, k = self.config.channels, self.config.kernels
-        self.conv1 = nn.Conv2d(1, c[0], k[0])
+        mean, std = self.config.preprocess.mean, self.config.preprocess.std
+        # Not persistent: the values live in the config, so state dicts stay the paper network's.
+        self.register_buffer("input_mean", torch.tensor(mean or (0.0,), dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_std", torch.tensor(std or (1.0,), dtype=torch.float32).view(1, -1, 1, 1),
+                             persistent=False)
+        self.normalizes = bool(mean)
+        self.conv1 = nn.Conv2d(self.config.in_channels, c[0], k[0])
         self.conv2 = nn.Conv2d(c[0], c[1], k[1])
         self.conv3 = nn.Conv2d(c[1], c[2], k[2])
         self.conv4 = nn.Conv2d(c[2], c[3], k[3])
@@ -51,7 +63,9 @@ class SiameseNet(nn.Module):
         self.head = nn.Linear(self.config.embedding_dim, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolutional trunk: ``(B,1,S,S)`` -> ``(B, C4, s, s)`` (256@6x6 for koch)."""
+        """Convolutional trunk: ``(B,C,S,S)`` -> ``(B, C4, s, s)`` (256@6x6 for koch)."""
+        if self.normalizes:
+            x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
             # A channels_last model is only fast if its input is too.
             x = x.contiguous(memory_format=torch.channels_last)
@@ -69,7 +83,7 @@ class SiameseNet(nn.Module):
         return params + (list(norm.parameters()) if norm is not None else [])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """One twin: images ``(B,1,S,S)`` -> embedding ``h`` ``(B, embedding_dim)`` in (0, 1)."""
+        """One twin: images ``(B,C,S,S)`` -> embedding ``h`` ``(B, embedding_dim)`` in (0, 1)."""
         # reshape (not view) so a channels_last feature map flattens in NCHW order,
         # the same order as a contiguous model: weights are interchangeable.
         return torch.sigmoid(self.fc(self.features(x).reshape(x.shape[0], -1)))
@@ -160,7 +174,7 @@ def shift_offsets(max_px: int, views: str = "cross") -> list[tuple[int, int]]:
 
 
 def shift_images(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """``(B,1,S,S)`` images moved ``dx`` pixels right and ``dy`` down; background (0) fills in."""
+    """``(B,C,S,S)`` images moved ``dx`` pixels right and ``dy`` down; zero (background) fills in."""
     pad = max(abs(dx), abs(dy))
     if pad == 0:
         return x
@@ -174,7 +188,7 @@ _KOCH = ModelConfig()  # the paper's network, reference for fan-in scaling
 
 def _fan_ins(config: ModelConfig) -> dict[str, int]:
     """Inputs per output unit for each layer (conv: C_in * k * k)."""
-    c, k = (1, *config.channels), config.kernels
+    c, k = (config.in_channels, *config.channels), config.kernels
     fans = {f"conv{i + 1}": c[i] * k[i] * k[i] for i in range(4)}
     fans["fc"] = config.channels[3] * config.feature_map_size() ** 2
     fans["head"] = config.embedding_dim
@@ -290,7 +304,7 @@ def parameter_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 def layer_shapes(model: SiameseNet, batch: int = 1) -> dict[str, tuple[int, ...]]:
     """Output shape per conv block (after pooling), for documentation and tests."""
-    x = torch.zeros(batch, 1, model.config.input_size, model.config.input_size,
+    x = torch.zeros(batch, model.config.in_channels, model.config.input_size, model.config.input_size,
                     device=model.conv1.weight.device)
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.no_grad():
@@ -301,3 +315,23 @@ def layer_shapes(model: SiameseNet, batch: int = 1) -> dict[str, tuple[int, ...]
             shapes[name] = tuple(x.shape[1:])
     shapes["fc"] = (model.config.embedding_dim,)
     return shapes
+
+
+def training_flops_per_pair(config: ModelConfig) -> int:
+    """Floating-point operations of one training row (a pair): forward and backward, counted from the layers.
+
+    Each convolution and the fully connected layer cost ``2 * inputs * outputs`` multiply-adds per
+    image forward; backward costs twice the forward (gradients of inputs and of weights), so a
+    training image costs 3x its forward and a pair twice that. The head, pooling, activations and
+    distortions are under 0.1% and left out. Why counted, not profiled: MFU needs the model's own
+    work, independent of how well a step runs it.
+    """
+    c, k = (config.in_channels, *config.channels), config.kernels
+    size, forward = config.input_size, 0
+    for i in range(4):
+        size = size - k[i] + 1
+        forward += 2 * c[i] * k[i] * k[i] * c[i + 1] * size * size
+        if i < 3:
+            size //= 2
+    forward += 2 * config.channels[3] * config.feature_map_size() ** 2 * config.embedding_dim
+    return 2 * 3 * forward

@@ -1,22 +1,22 @@
-"""The raw Omniglot layout: where images live, what their names mean, and the splits.
+"""The Omniglot adapter: the raw archives' layout, what their names mean, and Lake's splits.
 
 Kept in the core (no Ray, no storage) so ingest, tests and a plain-PyTorch user
-read the official archives the same way. Images decode to float32 in [0, 1]
-with ink = 1.0 and background = 0.0, so that zero padding in the affine
-distortions matches the background.
+(the GPU benchmark) read the official archives the same way. In the project's
+data model an alphabet is a *group*, a character a *class* and a drawer a
+*source* (:func:`fields`); the paper's preprocessing (grayscale, ink = 1) is
+:data:`siamese_core.config.PAPER_PREPROCESS`.
 """
 
 from __future__ import annotations
 
-import io
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from .config import PAPER_PREPROCESS, PreprocessConfig
+from .images import LabelledImages
 
 ARCHIVES: tuple[str, str] = ("images_background", "images_evaluation")
 
@@ -43,10 +43,6 @@ _NAME = re.compile(
 
 class OmniglotSourceError(RuntimeError):
     """The raw source is missing, unreadable or not laid out like Omniglot."""
-
-
-class CorruptImageError(OmniglotSourceError):
-    """An image file cannot be decoded; the message names the file."""
 
 
 def split_of(alphabet: str, background: bool) -> str:
@@ -100,7 +96,7 @@ def _iter_zip(zip_path: Path) -> Iterator[RawImage]:
             try:
                 png = archive.read(info)
             except (OSError, zipfile.BadZipFile, EOFError) as exc:
-                raise CorruptImageError(f"cannot read {zip_path}!{info.filename}: {exc}") from exc
+                raise OmniglotSourceError(f"cannot read {zip_path}!{info.filename}: {exc}") from exc
             yield RawImage(path=info.filename, png=png, **labels)  # type: ignore[arg-type]
 
 
@@ -113,7 +109,7 @@ def _iter_folder(root: Path, archive: str) -> Iterator[RawImage]:
         try:
             png = file.read_bytes()
         except OSError as exc:
-            raise CorruptImageError(f"cannot read {file}: {exc}") from exc
+            raise OmniglotSourceError(f"cannot read {file}: {exc}") from exc
         yield RawImage(path=rel, png=png, **labels)  # type: ignore[arg-type]
 
 
@@ -146,104 +142,25 @@ def iter_raw_images(source: Path | str) -> Iterator[RawImage]:
             yield from _iter_folder(path.parent, path.name)
 
 
-def decode_image(data: bytes, path: str = "<bytes>", size: int | None = None) -> np.ndarray:
-    """Image bytes (any format PIL reads) -> float32 ``[H, W]`` in [0, 1], ink = 1.
-
-    The network's preprocessing, shared by ingest, training, evaluation and
-    prediction: EXIF orientation applied; transparent pixels composited onto
-    white (so a transparent background counts as paper, not ink); converted to
-    8-bit grayscale (ITU-R 601 luma for colour images); resized to
-    ``size`` x ``size`` with bilinear filtering when given (the aspect ratio is
-    not kept, as for Omniglot's square images); inverted so dark strokes on a
-    light background become ink = 1.0 on background = 0.0. The first frame of
-    an animated file is used. Raises :class:`CorruptImageError` naming ``path``
-    when the bytes cannot be decoded.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            gray = _to_gray(img)
-    except UnidentifiedImageError as exc:
-        raise CorruptImageError(f"corrupt image {path}: not in any image format PIL can read") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise CorruptImageError(f"corrupt image {path}: {exc}") from exc
-    except Image.DecompressionBombError as exc:
-        raise CorruptImageError(f"image {path} is too large to decode: {exc}") from exc
-    if size is not None and gray.size != (size, size):
-        gray = gray.resize((size, size), Image.BILINEAR)
-    return 1.0 - np.asarray(gray, dtype=np.float32) / 255.0
+def label_of(alphabet: str, character_name: str) -> str:
+    """A character's class label: unique over the 50 alphabets, and a valid file name."""
+    return f"{alphabet}.{character_name}"
 
 
-def _to_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale; alpha composited onto white; 16/32-bit images scaled, not clipped."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        peak = float(values.max(initial=0.0))
-        if img.mode.startswith("I;16") or peak > 255.0:
-            top = 65535.0
-        elif img.mode == "F" and peak <= 1.0:
-            top = 1.0
-        else:
-            top = 255.0
-        return Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info) \
-            or (img.mode in ("L", "RGB") and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("L")
-    return img.convert("L")
+def fields(raw: RawImage) -> dict[str, Any]:
+    """One image's row in the project's data model (the shard schema), with Omniglot's own extras."""
+    return {"image_id": raw.path, "label": label_of(raw.alphabet, raw.character_name), "group": raw.alphabet,
+            "source": f"{raw.drawer:02d}", "split": raw.split,
+            "extra": {"character_id": raw.character, "archive": ARCHIVES[0] if raw.background else ARCHIVES[1]}}
 
 
-def decode_png(png: bytes, path: str = "<bytes>", size: int | None = None) -> np.ndarray:
-    """Same as :func:`decode_image` (kept under its historical name; it reads any format)."""
-    return decode_image(png, path=path, size=size)
-
-
-def quantize(image: np.ndarray) -> np.ndarray:
-    """Float ink image in [0, 1] -> uint8 0..255, as stored for training and evaluation."""
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-@dataclass(frozen=True)
-class OmniglotArrays:
-    """Decoded images of one split with their labels, row-aligned."""
-
-    images: np.ndarray  # uint8 [N, H, W], ink = 255 scaled back to 1 by ``as_float``
-    alphabet: np.ndarray  # str [N]
-    character: np.ndarray  # int32 [N], global character id
-    drawer: np.ndarray  # int8 [N]
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def as_float(self) -> np.ndarray:
-        """float32 [N, 1, H, W] in [0, 1], ink = 1."""
-        return (self.images.astype(np.float32) / 255.0)[:, None]
-
-
-def arrays_from_rows(pngs: Sequence[bytes], alphabet: Sequence[str], character: Sequence[int],
-                     drawer: Sequence[int], paths: Sequence[str] | None = None,
-                     size: int | None = None) -> OmniglotArrays:
-    """Decode PNG rows (from raw files or Parquet shards) into row-aligned arrays."""
-    names = paths if paths is not None else [f"row {i}" for i in range(len(pngs))]
-    images = np.stack([
-        quantize(decode_image(png, path=name, size=size))
-        for png, name in zip(pngs, names)
-    ]) if len(pngs) else np.zeros((0, size or IMAGE_SIZE, size or IMAGE_SIZE), np.uint8)
-    return OmniglotArrays(
-        images=images,
-        alphabet=np.asarray(alphabet, dtype=str),
-        character=np.asarray(character, dtype=np.int32),
-        drawer=np.asarray(drawer, dtype=np.int8),
-    )
-
-
-def load_split(source: Path | str, split: str, size: int | None = None) -> OmniglotArrays:
-    """Decode one split straight from the raw source (tests, notebooks, GPU checks)."""
+def load_split(source: Path | str, split: str, size: int | None = None,
+               preprocess: PreprocessConfig = PAPER_PREPROCESS) -> LabelledImages:
+    """Decode one split straight from the raw archives (notebooks, the GPU benchmark: no Ray, no shards)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    rows = [r for r in iter_raw_images(source) if r.split == split]
-    return arrays_from_rows([r.png for r in rows], [r.alphabet for r in rows],
-                            [r.character for r in rows], [r.drawer for r in rows],
-                            paths=[r.path for r in rows], size=size)
+    rows = sorted((r for r in iter_raw_images(source) if r.split == split),
+                  key=lambda r: (r.alphabet, r.character, r.drawer))
+    return LabelledImages.decode([r.png for r in rows], [label_of(r.alphabet, r.character_name) for r in rows],
+                                 [r.path for r in rows], preprocess, size or IMAGE_SIZE,
+                                 groups=[r.alphabet for r in rows], sources=[f"{r.drawer:02d}" for r in rows])

@@ -18,7 +18,8 @@ from .model import SiameseNet
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Images as float ``(B,1,S,S)`` in [0, 1] on ``device`` (uint8 0..255 and bool accepted)."""
+    """Images as float ``(B,C,S,S)`` in [0, 1] on ``device`` (uint8 0..255 and bool accepted;
+    ``(B,S,S)`` is one channel)."""
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(255.0)
@@ -35,68 +36,61 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-_FINGERPRINT_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+PairKeys = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(left_class, right_class, left_image, right_image)``: int64 keys of a batch's classes and images,
+shipped by the pair stage beside the pixels (``siamese_core.pairs.name_keys``)."""
 
 
-def _image_fingerprints(images: torch.Tensor) -> torch.Tensor:
-    """An int64 key per image ``(N,)``, equal for identical images (exact integer arithmetic).
+def in_batch_negative_pairings(keys: PairKeys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs ``(i, j)``, ``i < j``, into the batch's ``2B`` images (left then right) that can be
+    trained as "different" pairs.
 
-    Random weights in ``[1, 2^20)`` times pixel values 0..255 summed over at most
-    ~10^6 pixels cannot overflow int64; distinct images collide with negligible odds.
+    Why: one batched twin pass embeds ``2B`` images, but the paper's loss uses only ``B`` of
+    their ``B(2B-1)`` pairings; the head is cheap, so scoring the others as negatives adds
+    training signal at little cost. Only pairings of two different classes are kept (the
+    classes are known from the keys, so two images of one class in one batch are never
+    trained as "different"), and not those within one pair or between two rows holding the
+    same pair (a pair and its distorted copies).
     """
-    flat = images.reshape(images.shape[0], -1)
-    if flat.is_floating_point():
-        flat = (flat * 255.0).round()
-    key = (flat.shape[1], str(flat.device))
-    if key not in _FINGERPRINT_WEIGHTS:
-        weights = torch.randint(1, 1 << 20, (flat.shape[1],), generator=torch.Generator().manual_seed(0x1DE5))
-        _FINGERPRINT_WEIGHTS[key] = weights.to(flat.device)
-    return (flat.to(torch.int64) * _FINGERPRINT_WEIGHTS[key]).sum(dim=1)
-
-
-def in_batch_negative_pairings(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs ``(i, j)``, ``i < j``, into the batch's ``2B`` images (``left`` then ``right``)
-    that can be trained as "different" pairs.
-
-    Why: one batched twin pass embeds ``2B`` images, but the paper's loss uses only
-    ``B`` of their ``B(2B-1)`` pairings; the head is cheap, so scoring the others
-    as negatives adds training signal at little cost. Excluded: pairings within
-    one pair or between two rows holding the same pair (a pair and its distorted
-    copies, whose undistorted images are identical), and identical images.
-    Pass the *undistorted* images. Two different images of one character in two
-    different pairs remain labelled "different" (rare: a character recurs in a
-    batch only by chance, among the ~960 of Omniglot's training alphabets).
-    """
-    b = left.shape[0]
-    image_key = torch.cat([_image_fingerprints(left), _image_fingerprints(right)])
-    pair_key = image_key[:b] * 1_000_003 + image_key[b:]  # may wrap around; still equal for equal pairs
-    i, j = torch.triu_indices(2 * b, 2 * b, offset=1, device=image_key.device)
-    pair_of_i, pair_of_j = i % b, j % b
-    keep = (pair_key[pair_of_i] != pair_key[pair_of_j]) & (image_key[i] != image_key[j])
+    left_class, right_class, left_image, right_image = keys
+    b = left_class.shape[0]
+    image_class = torch.cat([left_class, right_class])
+    pair_key = left_image * 1_000_003 + right_image  # may wrap around; still equal for equal pairs
+    i, j = torch.triu_indices(2 * b, 2 * b, offset=1, device=image_class.device)
+    keep = (pair_key[i % b] != pair_key[j % b]) & (image_class[i] != image_class[j])
     return i[keep], j[keep]
 
 
 def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.Tensor,
                right: torch.Tensor, same: torch.Tensor, distort_mask: torch.Tensor | None = None,
                distort_cfg: DistortionConfig | None = None, generator: torch.Generator | None = None,
-               autocast_dtype: torch.dtype | None = None, in_batch_negatives: float = 0.0) -> float:
+               autocast_dtype: torch.dtype | None = None, in_batch_negatives: float = 0.0,
+               keys: PairKeys | None = None) -> torch.Tensor:
     """One SGD step on a batch of pairs; returns the mean BCE loss of the pairs (before the step).
 
+    The loss comes back as a detached tensor on the model's device, not a float: reading it
+    would wait for the device every step, so callers add the losses up and read them once.
     ``same`` is 1.0 for same-class pairs, 0.0 otherwise. When ``distort_cfg`` is
     given, rows where ``distort_mask`` is True (all rows when it is None) get
     an independent random affine transform for the left and for the right image.
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward pass under
     autocast; the loss is always computed in float32. ``in_batch_negatives > 0``
     adds that weight times the mean BCE of the batch's other pairings
-    (:func:`in_batch_negative_pairings`) labelled "different"; 0 is the paper's loss.
+    (:func:`in_batch_negative_pairings`, which needs the pairs' ``keys``) labelled
+    "different"; 0 is the paper's loss.
     """
     if in_batch_negatives < 0:
         raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
+    if in_batch_negatives > 0 and keys is None:
+        raise ValueError("in-batch negatives need the pairs' class and image keys (keys=...)")
     device = next(model.parameters()).device
     model.train()
     left, right = to_model_input(left, device), to_model_input(right, device)
     target = same.to(device, non_blocking=True).float().view(-1)
-    pairings = in_batch_negative_pairings(left, right) if in_batch_negatives > 0 else None
+    pairings = None
+    if in_batch_negatives > 0:
+        assert keys is not None
+        pairings = in_batch_negative_pairings(tuple(k.to(device, non_blocking=True) for k in keys))  # type: ignore[arg-type]
     if distort_cfg is not None:
         left = distort(left, distort_cfg, generator, mask=distort_mask)
         right = distort(right, distort_cfg, generator, mask=distort_mask)
@@ -113,7 +107,7 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 @torch.no_grad()
@@ -121,9 +115,9 @@ def indexed_pair_logits(model: SiameseNet, images: torch.Tensor, left: torch.Ten
                         batch_size: int = 1024) -> torch.Tensor:
     """Logits ``(N,)`` for pairs given as row indices into ``images``, each distinct image embedded once.
 
-    Why: fixed validation pairs reuse images (the 2,000 pairs of ``fit.VALIDATION_PAIRS``
-    name 2,811 distinct validation images in their 4,000 slots), and the twin is the
-    cost; the head is cheap. Eval mode, in chunks; restores the previous mode.
+    Why: fixed validation pairs reuse images (Omniglot's 2,000 validation pairs name 2,811
+    distinct images in their 4,000 slots), and the twin is the cost; the head is cheap.
+    Eval mode, in chunks; restores the previous mode.
     """
     device = next(model.parameters()).device
     rows, slot = torch.unique(torch.cat([left.view(-1), right.view(-1)]).to(images.device), return_inverse=True)

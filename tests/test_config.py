@@ -66,7 +66,7 @@ def test_yaml_file_then_set_wins(tmp_path: Path) -> None:
 
 
 def test_written_config_reads_back_identically(tmp_path: Path) -> None:
-    cfg = job_config.build("paper", overrides={"optim.lr_multipliers.head": "2", "pairs.drawers": "1,2,3"})
+    cfg = job_config.build("paper", overrides={"optim.lr_multipliers.head": "2", "pairs.sources": "01,02,03", "model.preprocess.mean": "[]"})
     job_config.write(cfg, tmp_path / "resolved.yaml")
     again = job_config.build("demo", [str(tmp_path / "resolved.yaml")])
     assert again == cfg

@@ -1,4 +1,4 @@
-"""The pair stage that Ray Data runs: pairs per alphabet, per epoch, decoded and labelled right."""
+"""The pair stage that Ray Data runs: pairs per group (or shard), per epoch, decoded and labelled right."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from siamese_core.config import PairConfig
+from siamese_core.config import ModelConfig, PairConfig, PreprocessConfig
+from siamese_core.pairs import name_keys
 from workflows import data
+
+MODEL16 = ModelConfig(input_size=16, kernels=(3, 2, 1, 1))  # the stage only reads the input size and preprocessing
 
 
 def _png(value: int) -> bytes:
@@ -24,108 +27,144 @@ def _png(value: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def block() -> dict[str, np.ndarray]:
-    """Two alphabets x 4 characters x 20 drawers; each image's ink count = its character id."""
+    """Two groups x 4 classes x 20 sources; each image's ink count = its class number."""
     rows = [(a, 10 * i + c, d) for i, a in enumerate(["alpha", "beta"]) for c in range(1, 5)
             for d in range(1, 21)]
     return {
-        "alphabet": np.array([r[0] for r in rows]),
-        "character": np.array([r[1] for r in rows], dtype=np.int32),
-        "drawer": np.array([r[2] for r in rows], dtype=np.int8),
+        "group": np.array([r[0] for r in rows], dtype=object),
+        "label": np.array([f"{r[0]}.{r[1]}" for r in rows], dtype=object),
+        "source": np.array([f"{r[2]:02d}" for r in rows], dtype=object),
         "image": np.array([_png(r[1]) for r in rows], dtype=object),
-        "image_id": np.array([f"{r[0]}/{r[1]}/{r[2]}" for r in rows]),
+        "image_id": np.array([f"{r[0]}/{r[1]}/{r[2]}" for r in rows], dtype=object),
     }
 
 
-def _stage(epoch_index: int, monkeypatch, seed: int = 0) -> data.PairStage:
-    monkeypatch.setattr(data, "current_execution_index", lambda: epoch_index)
-    return data.PairStage(PairConfig(pairs_per_epoch=300, distorted_copies=8), image_size=16, seed=seed,
-                          n_alphabets=3)
+def _stage(seed: int = 0, pair_cfg: PairConfig | None = None, n_units: int = 3) -> data.PairStage:
+    return data.PairStage(pair_cfg or PairConfig(pairs_per_epoch=300, distorted_copies=8), MODEL16, seed=seed,
+                          has_groups=True, n_units=n_units, total_classes=12)
 
 
-def test_pairs_are_labelled_by_their_images(block, monkeypatch) -> None:
-    out = _stage(0, monkeypatch)(block)
-    ink_left = (out["left"] > 127).reshape(len(out["left"]), -1).sum(1)
-    ink_right = (out["right"] > 127).reshape(len(out["right"]), -1).sum(1)
+def _pairs(stage: data.PairStage, block: dict[str, np.ndarray], epoch: int = 0) -> dict[str, np.ndarray]:
+    return stage.pairs_for_shard(stage.decoded_shard(block, 0), epoch)
+
+
+def _ink(images: np.ndarray) -> np.ndarray:
+    return (images > 127).reshape(len(images), -1).sum(1)
+
+
+def test_pairs_are_labelled_by_their_images_and_carry_their_keys(block) -> None:
+    out = _pairs(_stage(), block)
+    ink_left, ink_right = _ink(out["left"]), _ink(out["right"])
     assert np.array_equal(out["same"] == 1.0, ink_left == ink_right)
-    assert out["left"].dtype == np.uint8 and out["left"].shape[1:] == (16, 16)
-    # 300 pairs over 3 alphabets in the data set: 100 per alphabet here, half of them "same".
+    assert out["left"].dtype == np.uint8 and out["left"].shape[1:] == (1, 16, 16)
+    # 300 pairs over 3 groups in the data set: 100 per group here, half of them "same".
     assert len(out["same"]) == 200 and out["same"].sum() == 100
-    # Negatives stay inside one alphabet (ink counts 1..4 vs 11..14).
+    # Negatives stay inside one group (ink counts 1..4 vs 11..14).
     assert np.array_equal(ink_left // 10, ink_right // 10)
     assert set(out["epoch"]) == {0}
+    # the keys name each image's class and id: the trainer knows the classes without the pixels
+    group = np.where(ink_left >= 10, "beta", "alpha")
+    assert np.array_equal(out["left_class"], name_keys(np.char.add(np.char.add(group, "."), ink_left.astype(str))))
+    assert np.array_equal(out["left_class"] == out["right_class"], out["same"] == 1.0)
+    assert len(set(out["left_image"].tolist()) | set(out["right_image"].tolist())) > 100
 
 
-def test_new_pairs_each_epoch_same_pairs_from_same_seed(block, monkeypatch) -> None:
-    first = _stage(0, monkeypatch)(block)
-    again = _stage(0, monkeypatch)(block)
-    second = _stage(1, monkeypatch)(block)
-    other_seed = _stage(0, monkeypatch, seed=1)(block)
+def test_new_pairs_each_epoch_same_pairs_from_same_seed(block) -> None:
+    first = _pairs(_stage(), block, 0)
+    again = _pairs(_stage(), block, 0)
+    second = _pairs(_stage(), block, 1)
+    other_seed = _pairs(_stage(seed=1), block, 0)
     assert np.array_equal(first["left"], again["left"]) and np.array_equal(first["right"], again["right"])
     assert not np.array_equal(first["left"], second["left"])
     assert not np.array_equal(first["left"], other_seed["left"])
     assert set(second["epoch"]) == {1}
 
 
-def test_pairs_do_not_depend_on_how_blocks_are_cut(block, monkeypatch) -> None:
-    whole = _stage(0, monkeypatch)(block)
-    only_beta = {k: v[block["alphabet"] == "beta"] for k, v in block.items()}
-    part = _stage(0, monkeypatch)(only_beta)
-    beta_rows = (whole["left"] > 127).reshape(len(whole["left"]), -1).sum(1) >= 10  # beta: ids 11..14
+def test_pairs_do_not_depend_on_how_blocks_are_cut(block) -> None:
+    whole = _pairs(_stage(), block)
+    only_beta = {k: v[block["group"] == "beta"] for k, v in block.items()}
+    part = _pairs(_stage(), only_beta)
+    beta_rows = _ink(whole["left"]) >= 10  # beta: ids 11..14
     assert np.array_equal(whole["left"][beta_rows], part["left"])
 
 
-def test_only_training_drawers_are_used(block, monkeypatch) -> None:
-    monkeypatch.setattr(data, "current_execution_index", lambda: 0)
-    stage = data.PairStage(PairConfig(pairs_per_epoch=200, drawers=(1, 2)), image_size=16, seed=0, n_alphabets=2)
+def test_without_groups_a_shard_is_one_unit_with_its_share_of_pairs(block) -> None:
+    rows = {k: v for k, v in block.items() if k != "group"}
+    stage = data.PairStage(PairConfig(pairs_per_epoch=300), MODEL16, seed=0, has_groups=False, n_units=4,
+                           total_classes=24)
+    out = stage.pairs_for_shard(stage.decoded_shard(rows, 3), 0)
+    assert len(out["same"]) == 100  # 8 of the data set's 24 classes: a third of the pairs
+    mixed = (_ink(out["left"]) // 10 != _ink(out["right"]) // 10) & (out["same"] == 0)
+    assert mixed.any()  # "different" partners come from anywhere in the shard
+    again = stage.pairs_for_shard(stage.decoded_shard(rows, 2), 0)
+    assert not np.array_equal(out["left"], again["left"])  # another shard, another seed
+
+
+def test_only_training_sources_are_used_and_unknown_labels_never(block) -> None:
+    stage = _stage(pair_cfg=PairConfig(pairs_per_epoch=200, sources=("01", "02")), n_units=2)
     marked = dict(block)
-    # Images by drawers other than 1 and 2 are corrupt: touching one would raise.
-    marked["image"] = np.array([png if d in (1, 2) else b"not a png" for png, d in
-                                zip(block["image"], block["drawer"])], dtype=object)
-    out = stage(marked)
+    # Images from other sources are corrupt: touching one would raise.
+    marked["image"] = np.array([png if d in ("01", "02") else b"not a png" for png, d in
+                                zip(block["image"], block["source"])], dtype=object)
+    out = _pairs(stage, marked)
     assert len(out["same"]) == 200
+    unknown = dict(block)
+    unknown["label"] = np.where(block["label"] == "alpha.1", "new_whale", block["label"]).astype(object)
+    unknown["image"] = np.array([b"bad" if label == "new_whale" else png for png, label in
+                                 zip(block["image"], unknown["label"])], dtype=object)
+    stage = data.PairStage(PairConfig(pairs_per_epoch=200), MODEL16, 0, True, 2, 8, unknown_label="new_whale")
+    out = stage.pairs_for_shard(stage.decoded_shard(unknown, 0), 0)
+    assert not np.isin(1, _ink(out["left"])) and not np.isin(1, _ink(out["right"]))
 
 
-def test_corrupt_image_is_named(block, monkeypatch) -> None:
+def test_colour_and_preprocessing_follow_the_model(block) -> None:
+    rgb = ModelConfig(input_size=12, kernels=(3, 2, 1, 1), preprocess=PreprocessConfig(color="rgb", invert=False))
+    stage = data.PairStage(PairConfig(pairs_per_epoch=20), rgb, 0, True, 2, 8)
+    out = stage.pairs_for_shard(stage.decoded_shard(block, 0), 0)
+    assert out["left"].shape[1:] == (3, 12, 12)
+    assert out["left"].max() == 255  # not inverted: white paper stays 255
+
+
+def test_corrupt_image_is_named(block) -> None:
     broken = dict(block)
     broken["image"] = np.array([b"garbage"] * len(block["image"]), dtype=object)
     with pytest.raises(Exception, match="alpha/"):
-        _stage(0, monkeypatch)(broken)
+        _pairs(_stage(), broken)
 
 
-def test_expand_copies_and_steps() -> None:
-    left = torch.arange(4).view(4, 1, 1).float()
-    right, same = left + 10, torch.tensor([1.0, 0.0, 1.0, 0.0])
-    l2, r2, s2, mask = data.expand_copies(left, right, same, copies=2)
-    assert l2.shape[0] == 12 and mask.sum() == 8 and not mask[:4].any()
-    assert torch.equal(l2[4:8], left) and torch.equal(s2[8:], same)
-    steps = list(data.iter_steps(l2, r2, s2, mask, batch_size=5, generator=torch.Generator().manual_seed(0)))
-    assert len(steps) == 2 and all(s[0].shape[0] == 5 for s in steps)
-    seen = torch.cat([s[0] for s in steps]).flatten()
-    assert len(set(seen.tolist())) <= 4 and torch.equal(torch.cat([s[1] for s in steps]), torch.cat(
-        [s[0] for s in steps]) + 10)
+class _OneShardDataSet:
+    """What ShardPairs asks of a ``shards.DataSet``: its columns, a shard read, the manifest's checksum."""
+
+    class manifest:  # noqa: N801
+        content_checksum = "sha256:test"
+
+    def columns(self) -> list[str]:
+        return ["image_id", "image", "label", "split", "group", "source"]
+
+    def read_shard(self, path: str, columns):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, columns=columns)
 
 
 def _write_shard(block: dict[str, np.ndarray], path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({k: list(v) if k == "image" else v for k, v in block.items()}), str(path))
+    pq.write_table(pa.table({k: list(v) for k, v in block.items()}), str(path))
     return str(path)
 
 
 def _shard_pairs(cache_mb: float) -> data.ShardPairs:
-    import pyarrow.fs
-
-    stage = data.PairStage(PairConfig(pairs_per_epoch=300), image_size=16, seed=0, n_alphabets=3)
-    return data.ShardPairs(pyarrow.fs.LocalFileSystem(), stage, cache_bytes=int(cache_mb * 2**20),
-                           dataset_key="test")
+    return data.ShardPairs(_OneShardDataSet(), _stage(pair_cfg=PairConfig(pairs_per_epoch=300)),
+                           cache_bytes=int(cache_mb * 2**20))
 
 
 def test_decoded_shards_are_kept_between_epochs(block, tmp_path, monkeypatch) -> None:
     """Epoch 1 from the cache (the file is gone) equals epoch 1 read and decoded afresh."""
     monkeypatch.setattr(data, "_PROCESS_CACHE", None)
     path = _write_shard(block, tmp_path / "shard.parquet")
-    batch = {"path": np.array([path])}
+    batch = {"path": np.array([path]), "index": np.array([0])}
     monkeypatch.setattr(data, "current_execution_index", lambda: 1)
     fresh = _shard_pairs(0)(batch)
     monkeypatch.setattr(data, "_PROCESS_CACHE", None)
@@ -147,11 +186,11 @@ def test_decoded_shards_are_kept_between_epochs(block, tmp_path, monkeypatch) ->
 
 
 def test_shard_cache_stays_within_its_cap(block) -> None:
-    stage = data.PairStage(PairConfig(pairs_per_epoch=300), image_size=16, seed=0, n_alphabets=3)
-    shards = [stage.decoded_shard(block) for _ in range(3)]
+    stage = _stage()
+    shards = [stage.decoded_shard(block, 0) for _ in range(3)]
     for s in shards:
-        s.ensure_decoded(np.arange(len(s.drawer)))
-    assert all(s.pngs is None for s in shards)  # PNG bytes are dropped once every row is decoded
+        s.ensure_decoded(np.arange(len(s.label)), MODEL16)
+    assert all(s.encoded is None for s in shards)  # encoded bytes are dropped once every row is decoded
     one = shards[0].nbytes
     cache = data.ShardCache(max_bytes=2 * one + one // 2)
     for i, s in enumerate(shards):
@@ -165,12 +204,11 @@ def test_shard_cache_stays_within_its_cap(block) -> None:
     assert cache.get(("k", 9)) is None
 
 
-def test_rows_are_decoded_only_when_a_pair_needs_them(block, monkeypatch) -> None:
-    monkeypatch.setattr(data, "current_execution_index", lambda: 0)
-    stage = data.PairStage(PairConfig(pairs_per_epoch=20), image_size=16, seed=0, n_alphabets=2)
-    shard = stage.decoded_shard(block)
+def test_rows_are_decoded_only_when_a_pair_needs_them(block) -> None:
+    stage = _stage(pair_cfg=PairConfig(pairs_per_epoch=20), n_units=2)
+    shard = stage.decoded_shard(block, 0)
     out = stage.pairs_for_shard(shard, 0)
-    assert 0 < shard.decoded.sum() < len(shard.decoded) and shard.pngs is not None
+    assert 0 < shard.decoded.sum() < len(shard.decoded) and shard.encoded is not None
     assert (shard.images[~shard.decoded] == 0).all()
     assert len(out["same"]) == 20
 
@@ -286,10 +324,14 @@ def test_epoch_stream_hands_a_pass_error_to_the_worker() -> None:
 @pytest.mark.integration
 def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(small_shards: str) -> None:
     """Through Ray Data itself: each pass (epoch) draws new pairs; a block is one shard."""
-    dataset = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3)
+    from workflows.shards import DataSet
+
+    dataset = DataSet.open(small_shards)
+    model = ModelConfig(input_size=20, kernels=(3, 2, 1, 1))
+    stream = data.training_pairs(dataset, PairConfig(pairs_per_epoch=90), model, seed=3)
     epochs = []
     for _ in range(2):
-        blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+        blocks = list(stream.iter_batches(batch_size=None, batch_format="numpy"))
         # 3 training alphabets, one shard each, 90 / 3 = 30 pairs per shard.
         assert sorted(len(b["same"]) for b in blocks) == [30, 30, 30]
         epochs.append(blocks)
@@ -300,8 +342,7 @@ def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(sma
     assert not np.array_equal(first, second)
 
     # With decoded shards kept between epochs, each epoch's pairs are the same as without.
-    cached = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3,
-                                 cache_mb=64)
+    cached = data.training_pairs(dataset, PairConfig(pairs_per_epoch=90), model, seed=3, cache_mb=64)
     for epoch in range(2):
         blocks = list(cached.iter_batches(batch_size=None, batch_format="numpy"))
         key = lambda b: (b["left"].sum(), b["right"].sum())  # noqa: E731  (blocks may come in any order)
@@ -311,7 +352,7 @@ def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(sma
     import ray
 
     clock = data.start_epoch_clock()
-    clocked = data.training_pairs(small_shards, PairConfig(pairs_per_epoch=90), image_size=20, seed=3, clock=clock)
+    clocked = data.training_pairs(dataset, PairConfig(pairs_per_epoch=90), model, seed=3, clock=clock)
     ray.get(clock.set.remote(1))
     for _ in range(2):
         blocks = list(clocked.iter_batches(batch_size=None, batch_format="numpy"))

@@ -6,7 +6,6 @@ each = 80 one-shot trials) and a throwaway MLflow SQLite store per test.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -14,9 +13,11 @@ import numpy as np
 import pytest
 
 from siamese_core import checkpoint
-from siamese_core.fit import evaluate_oneshot
+from siamese_core.evaluation import evaluate_oneshot
 from siamese_core.model import build_model, with_test_time_shift
 from workflows import evaluate, tracking
+from workflows.models import load_any
+from workflows.shards import DataSet
 
 pytestmark = pytest.mark.integration
 
@@ -72,17 +73,19 @@ def test_checkpoint_and_registered_model_score_the_same(small_shards, store, tmp
         assert run.data.metrics["test_oneshot_trials"] == TRIALS
         assert run.data.tags["job"] == "evaluate"
         assert run.data.params["seed"] == "7"
-        assert {"oneshot/test_per_alphabet.png", "oneshot/test_trials.png", "oneshot/test.json"} <= \
+        assert {"oneshot/test_per_group.png", "oneshot/test_trials.png", "oneshot/test.json"} <= \
             _artifacts(store, run.info.run_id, "oneshot")
+        assert 0.0 <= run.data.metrics["test_pixel_nn_accuracy"] <= 1.0  # the baseline on the same trials
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["omniglot"]
     # the printed accuracy is the recorded one
-    printed = re.search(r"on test: ([\d.]+)% \((\d+)/(\d+) trials", from_ckpt)
+    printed = re.search(r"on omniglot test: ([\d.]+)% \((\d+)/(\d+) trials", from_ckpt)
     assert printed is not None and int(printed[3]) == TRIALS
     assert float(printed[1]) / 100 == pytest.approx(accuracies[0], abs=5e-5)
 
     # Stronger than equal accuracy: the same choice in every trial.
-    request = evaluate.EvaluationRequest(data=small_shards, split="test", seed=7, tracking_uri=store)
-    a = evaluate.evaluate(evaluate.EvaluationRequest(**{**request.__dict__, "model": str(ckpt)})).result
-    b = evaluate.evaluate(evaluate.EvaluationRequest(**{**request.__dict__, "model": "models:/t-model/1"})).result
+    dataset = DataSet.open(small_shards)
+    a = evaluate.evaluate_model(load_any(str(ckpt)), dataset, "test", seed=7).result
+    b = evaluate.evaluate_model(load_any("models:/t-model/1", tracking_uri=store), dataset, "test", seed=7).result
     np.testing.assert_array_equal(a.predicted, b.predicted)
     assert a.trials == b.trials == TRIALS
     assert a.accuracy == accuracies[0]
@@ -94,14 +97,14 @@ def test_test_time_views_travel_with_the_checkpoint_and_can_be_overridden(small_
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
     checkpoint.save(ckpt, viewed_model)
-    request = evaluate.EvaluationRequest(data=small_shards, model=str(ckpt))
-    viewed = evaluate.evaluate(request)
-    single = evaluate.evaluate(dataclasses.replace(request, test_time_shift_px=0))
-    assert (viewed.test_time_shift_px, single.test_time_shift_px) == (2, 0)
+    dataset = DataSet.open(small_shards)
+    viewed = evaluate.evaluate_model(load_any(str(ckpt)), dataset)
+    single = evaluate.evaluate_model(load_any(str(ckpt), test_time_shift_px=0), dataset)
+    assert "9 views" in viewed.protocol and "views" not in single.protocol
     np.testing.assert_array_equal(
-        viewed.result.predicted, evaluate_oneshot(viewed_model, viewed.arrays, viewed.runs).predicted)
+        viewed.result.predicted, evaluate_oneshot(viewed_model, viewed.images, viewed.runs).predicted)
     np.testing.assert_array_equal(
-        single.result.predicted, evaluate_oneshot(plain, single.arrays, single.runs).predicted)
+        single.result.predicted, evaluate_oneshot(plain, single.images, single.runs).predicted)
     assert not np.array_equal(viewed.result.predicted, single.result.predicted)  # the views change choices
 
     assert evaluate.main(["--data", small_shards, "--model", str(ckpt), "--no-mlflow"]) == 0
@@ -131,22 +134,23 @@ def test_test_time_views_travel_with_the_checkpoint_and_can_be_overridden(small_
 def test_pixel_baseline_beats_chance(small_shards, store, capsys):
     assert evaluate.main(["--data", small_shards, "--model", "pixel-nn", "--tracking-uri", store]) == 0
     out = capsys.readouterr().out
-    assert "pixel-nn on test:" in out and "Atlantean" in out and "Tengwar" in out
+    assert "pixel-nn on omniglot test:" in out and "Atlantean" in out and "Tengwar" in out
+    assert "pixels at 105 px" in out  # the images' own size, as they all share it
     [run] = _runs(store, tracking.DEFAULT_EXPERIMENT)
     accuracy = run.data.metrics["test_oneshot_accuracy"]
     assert run.data.metrics["test_oneshot_trials"] == TRIALS
     assert accuracy >= 0.15, f"pixel-nn {accuracy:.2%} is not well above chance (5%)"
-    assert "oneshot/test_per_alphabet.png" in _artifacts(store, run.info.run_id, "oneshot")
+    assert "oneshot/test_per_group.png" in _artifacts(store, run.info.run_id, "oneshot")
     # Deterministic: the same trials and accuracy again, without recording.
     assert evaluate.main(["--data", small_shards, "--model", "pixel-nn", "--no-mlflow"]) == 0
     assert f"{accuracy:.2%}" in capsys.readouterr().out
     assert not (Path.cwd() / "mlflow.db").exists()
 
 
-def test_unloadable_model_is_a_clear_error(tmp_path, capsys):
+def test_unloadable_model_is_a_clear_error(small_shards, tmp_path, capsys):
     (tmp_path / "empty-checkpoint").mkdir()
     for model in [tmp_path / "no-such-model", tmp_path / "empty-checkpoint"]:
-        code = evaluate.main(["--data", str(tmp_path), "--model", str(model), "--no-mlflow"])
+        code = evaluate.main(["--data", small_shards, "--model", str(model), "--no-mlflow"])
         out, err = capsys.readouterr()
         assert code == 2 and out == ""
         assert err.startswith(f"error: cannot load --model {model}: ") and "Traceback" not in err, err

@@ -35,11 +35,12 @@ def steps():
         return ((torch.rand(32, 35, 35, generator=g) * 255).to(torch.uint8),
                 (torch.rand(32, 35, 35, generator=g) * 255).to(torch.uint8),
                 (torch.rand(32, generator=g) > 0.5).float())
+    keys = (torch.arange(32), torch.arange(32, 64), torch.arange(32), torch.arange(32, 64))
     for _ in range(30):
-        train_step(model, optimizer, *batch(), in_batch_negatives=1.0)
+        train_step(model, optimizer, *batch(), in_batch_negatives=1.0, keys=keys)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(40):
-        train_step(model, optimizer, *batch(), in_batch_negatives=1.0)
+        train_step(model, optimizer, *batch(), in_batch_negatives=1.0, keys=keys)
     out["faults_per_step"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40
 
 worker = threading.Thread(target=steps)

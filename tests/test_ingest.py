@@ -1,4 +1,4 @@
-"""workflows.ingest and workflows.shards: real Omniglot -> Parquet shards, locally and on S3.
+"""workflows.ingest and workflows.shards with the Omniglot adapter: real Omniglot -> Parquet shards, locally and on S3.
 
 Expected numbers are computed here from the data README's alphabet tables and
 the test-alphabet list of the reference (not from siamese_core), so a wrong
@@ -57,12 +57,12 @@ def expected_counts(omniglot_dir: Path) -> dict[str, dict[str, int]]:
     groups = {"train": tables["images_background"],
               "test": {a: n for a, n in tables["images_evaluation"].items() if a in LAKE_TEST},
               "validation": {a: n for a, n in tables["images_evaluation"].items() if a not in LAKE_TEST}}
-    return {split: {"images": 20 * sum(g.values()), "characters": sum(g.values()), "alphabets": len(g)}
+    return {split: {"images": 20 * sum(g.values()), "classes": sum(g.values()), "groups": len(g)}
             for split, g in groups.items()}
 
 
 def split_counts(manifest: shards.Manifest) -> dict[str, dict[str, int]]:
-    return {s: {k: v[k] for k in ("images", "characters", "alphabets")} for s, v in manifest.splits.items()}
+    return {s: {k: v[k] for k in ("images", "classes", "groups")} for s, v in manifest.splits.items()}
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -96,15 +96,15 @@ def subset_a(omniglot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def subset_expected(omniglot_dir: Path, alphabets: set[str]) -> dict[str, dict[str, int]]:
     tables = readme_alphabets(omniglot_dir)
-    result = {s: {"images": 0, "characters": 0, "alphabets": 0} for s in ("train", "validation", "test")}
+    result = {s: {"images": 0, "classes": 0, "groups": 0} for s in ("train", "validation", "test")}
     for archive, table in tables.items():
         for alphabet, n in table.items():
             if alphabet in alphabets:
                 split = "train" if archive == "images_background" else (
                     "test" if alphabet in LAKE_TEST else "validation")
                 result[split]["images"] += 20 * n
-                result[split]["characters"] += n
-                result[split]["alphabets"] += 1
+                result[split]["classes"] += n
+                result[split]["groups"] += 1
     return result
 
 
@@ -122,54 +122,63 @@ def test_full_ingest_local_exact_counts(full_local, omniglot_dir: Path) -> None:
     dest, result = full_local
     assert not result.skipped
     expected = expected_counts(omniglot_dir)
-    assert expected["train"] == {"images": 19_280, "characters": 964, "alphabets": 30}
-    manifest = shards.read_manifest(str(dest))
+    assert expected["train"] == {"images": 19_280, "classes": 964, "groups": 30}
+    manifest = shards.DataSet.open(str(dest)).manifest
     assert split_counts(manifest) == expected
-    assert manifest.counts["archives"] == {
-        "images_background": {"images": 19_280, "characters": 964, "alphabets": 30},
-        "images_evaluation": {"images": 13_180, "characters": 659, "alphabets": 20}}
-    assert manifest.counts["images"] == 32_460 and manifest.counts["characters"] == 1_623
-    assert manifest.subset is False
+    assert manifest.counts["images"] == 32_460 and manifest.counts["classes"] == 1_623
+    assert manifest.counts["groups"] == 50 and manifest.counts["single_image_classes"] == 0
     assert manifest.source["archives"]["images_background.zip"] == \
         "sha256:7a4cae547f16207901bd3acaabd866c1dbbef4d559dff26d797dbc6423a64a1e"
+    assert manifest.columns == {"group": True, "source": True, "extra": ["character_id", "archive"]}
+    assert manifest.preprocessing == {"color": "gray", "fit": "stretch", "invert": True, "mean": [], "std": []}
+    assert manifest.image_sizes["min"] == manifest.image_sizes["max"] == [105, 105]
+    assert manifest.split_rule == {"rule": "given"} and manifest.rejected == []
+    assert manifest.splits["train"]["source_names"] == [f"{d:02d}" for d in range(1, 21)]
     # The manifest is the last file written and lists exactly the shards on disk.
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.parquet"))
     assert files == sorted(s.path for s in manifest.shards)
     assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "test", "train", "validation"]
 
 
-def test_full_ingest_shards_hold_whole_characters(full_local, omniglot_dir: Path) -> None:
+def test_full_ingest_shards_hold_whole_groups(full_local, omniglot_dir: Path) -> None:
     dest, _ = full_local
-    manifest = shards.read_manifest(str(dest))
+    manifest = shards.DataSet.open(str(dest)).manifest
     owner: dict[int, str] = {}
     rows_per_character: Counter = Counter()
+    archives: Counter = Counter()
     for shard in manifest.shards:
         table = pq.read_table(dest / shard.path)
-        assert table.schema.remove_metadata() == shards.SCHEMA
+        assert table.schema.remove_metadata() == shards.schema(True, True, [pa.field("character_id", pa.int32()),
+                                                                            pa.field("archive", pa.string())])
         assert table.num_rows == shard.rows
         assert set(table.column("split").to_pylist()) == {shard.split}
-        assert len(set(table.column("alphabet").to_pylist())) == 1  # one alphabet per shard
-        for c in table.column("character").to_pylist():
+        assert len(set(table.column("group").to_pylist())) == 1  # one alphabet per shard
+        archives.update(table.column("archive").to_pylist())
+        for c, label in zip(table.column("character_id").to_pylist(), table.column("label").to_pylist()):
             assert owner.setdefault(c, shard.path) == shard.path, f"character {c} spans shards"
             rows_per_character[c] += 1
+            assert label.split(".", 1)[0] == table.column("group")[0].as_py()
     assert len(owner) == 1623 and set(rows_per_character.values()) == {20}
     assert set(owner) == set(range(1, 1624))
+    assert archives == {"images_background": 19_280, "images_evaluation": 13_180}
 
 
 def test_full_ingest_rows_and_ids(full_local, omniglot_dir: Path) -> None:
     dest, _ = full_local
-    table = shards.load_split_table(str(dest), "test")
+    dataset = shards.DataSet.open(str(dest))
+    table = dataset.read_table("test")
     assert table.num_rows == 7640
-    assert set(table.column("alphabet").to_pylist()) == LAKE_TEST
+    assert set(table.column("group").to_pylist()) == LAKE_TEST
     row = table.slice(0, 1).to_pylist()[0]
-    assert row["image_id"] == f"images_evaluation/{row['alphabet']}/{row['character_name']}/" \
-                              f"{row['character']:04d}_{row['drawer']:02d}.png"
+    alphabet, character_name = row["label"].split(".")
+    assert row["group"] == alphabet
+    assert row["image_id"] == f"images_evaluation/{alphabet}/{character_name}/" \
+                              f"{row['character_id']:04d}_{row['source']}.png"
     with zipfile.ZipFile(omniglot_dir / "images_evaluation.zip") as z:
         assert z.read(row["image_id"]) == row["image"]  # PNG bytes unchanged
     assert len(set(table.column("image_id").to_pylist())) == 7640
-    drawers = set(table.column("drawer").to_pylist())
-    assert drawers == set(range(1, 21))
-    assert shards.verify(str(dest)).content_checksum == shards.read_manifest(str(dest)).content_checksum
+    assert set(table.column("source").to_pylist()) == {f"{d:02d}" for d in range(1, 21)}
+    assert dataset.verify().content_checksum == dataset.manifest.content_checksum
 
 
 def test_rerun_is_a_noop(full_local, omniglot_dir: Path) -> None:
@@ -190,10 +199,9 @@ def test_rerun_is_a_noop(full_local, omniglot_dir: Path) -> None:
 
 def test_read_split_dataset_with_ray_data(full_local) -> None:
     dest, _ = full_local
-    ds = shards.read_split_dataset(str(dest), "validation", columns=["character", "alphabet"])
+    ds = shards.DataSet.open(str(dest)).ray_dataset("validation", columns=["label", "group"])
     assert ds.count() == 5540
-    characters = {row["character"] for row in ds.iter_rows()}
-    assert len(characters) == 277
+    assert len({row["label"] for row in ds.iter_rows()}) == 277
 
 
 # --------------------------------------------------------------------------- full data, S3
@@ -204,18 +212,18 @@ def test_full_ingest_to_s3(ray_cluster, s3_env, omniglot_dir: Path) -> None:
     uri = f"s3://{bucket}/datasets/omniglot"
     rc = ingest.main(["--source", str(omniglot_dir), "--dest", uri, "--endpoint-url", s3_env.endpoint_url])
     assert rc == 0
-    manifest = shards.read_manifest(uri, endpoint_url=s3_env.endpoint_url)
+    dataset = shards.DataSet.open(uri, endpoint_url=s3_env.endpoint_url)
+    manifest = dataset.manifest
     assert split_counts(manifest) == expected_counts(omniglot_dir)
     keys = [k for k in s3_env.keys(bucket) if not k.endswith("/")]
     assert "datasets/omniglot/manifest.json" in keys
     assert sorted(k for k in keys if k.endswith(".parquet")) == \
         sorted(f"datasets/omniglot/{s.path}" for s in manifest.shards)
     assert len(keys) == len(manifest.shards) + 1  # no probe or temporary objects left
-    table = shards.load_split_table(uri, "train", endpoint_url=s3_env.endpoint_url,
-                                    columns=["character", "drawer"])
-    assert table.num_rows == 19_280 and len(set(table.column("character").to_pylist())) == 964
-    assert shards.read_split_dataset(uri, "test", endpoint_url=s3_env.endpoint_url).count() == 7640
-    assert shards.verify(uri, endpoint_url=s3_env.endpoint_url).content_checksum == manifest.content_checksum
+    table = dataset.read_table("train", columns=["label", "source"])
+    assert table.num_rows == 19_280 and len(set(table.column("label").to_pylist())) == 964
+    assert dataset.ray_dataset("test").count() == 7640
+    assert dataset.verify().content_checksum == manifest.content_checksum
     # Same content again: nothing is written.
     manifest_obj = s3_env.client().get_object(Bucket=bucket, Key="datasets/omniglot/manifest.json")
     again = ingest.ingest(str(omniglot_dir), uri, endpoint_url=s3_env.endpoint_url, log=quiet)
@@ -259,14 +267,14 @@ def test_s3_bad_credentials_names_uri(s3_env, subset_a: Path, monkeypatch, capsy
     assert s3_env.keys(bucket) == []
     # The reader refuses with the same clarity.
     with pytest.raises(shards.StorageError, match="access denied"):
-        shards.read_manifest(uri, endpoint_url=s3_env.endpoint_url)
+        shards.DataSet.open(uri, endpoint_url=s3_env.endpoint_url)
 
 
 def test_s3_reader_refuses_prefix_without_manifest(s3_env) -> None:
     bucket = s3_env.create_bucket()
     s3_env.client().put_object(Bucket=bucket, Key="omniglot/train/x.parquet", Body=b"not parquet")
     with pytest.raises(DatasetError, match=f"s3://{bucket}/omniglot/manifest.json does not exist"):
-        shards.read_manifest(f"s3://{bucket}/omniglot", endpoint_url=s3_env.endpoint_url)
+        shards.DataSet.open(f"s3://{bucket}/omniglot", endpoint_url=s3_env.endpoint_url)
 
 
 # --------------------------------------------------------------------------- sources and failures
@@ -276,7 +284,7 @@ def test_subset_needs_allow_subset(subset_a: Path, tmp_path: Path) -> None:
     dest = tmp_path / "out"
     with pytest.raises(IngestError, match="--allow-subset"):
         ingest.ingest(str(subset_a), str(dest), log=quiet)
-    assert not (dest / "manifest.json").exists()
+    assert not dest.exists()  # the destination is left as it was
 
 
 def test_missing_image_names_the_file(omniglot_dir: Path, tmp_path: Path) -> None:
@@ -296,7 +304,7 @@ def test_corrupt_archive_names_the_file(omniglot_dir: Path, tmp_path: Path, caps
     rc = ingest.main(["--source", str(source), "--dest", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and str(source / "images_background.zip") in err
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_corrupt_png_names_the_file(ray_cluster, omniglot_dir: Path, tmp_path: Path) -> None:
@@ -305,8 +313,7 @@ def test_corrupt_png_names_the_file(ray_cluster, omniglot_dir: Path, tmp_path: P
     dest = tmp_path / "out"
     with pytest.raises(IngestError, match=re.escape(victim)):
         ingest.ingest(str(source), str(dest), allow_subset=True, log=quiet)
-    assert not (dest / "manifest.json").exists()
-    assert list(dest.rglob("*.parquet")) == []
+    assert not dest.exists()  # nothing written, not even the folders
 
 
 def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, subset_a: Path,
@@ -314,21 +321,20 @@ def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, sub
     dest = tmp_path / "out"
     first = ingest.ingest(str(subset_a), str(dest), allow_subset=True, log=quiet)
     assert split_counts(first.manifest) == subset_expected(omniglot_dir, SUBSET_A)
-    assert first.manifest.subset is True
     old_shards = {s.path for s in first.manifest.shards}
     (dest / "NOTES.txt").write_text("not ours")
     # A different source into the same destination is refused...
     subset_b = make_source(omniglot_dir, tmp_path / "b", SUBSET_B)
-    with pytest.raises(IngestError, match="different dataset.*--overwrite"):
+    with pytest.raises(IngestError, match="another data set.*--overwrite"):
         ingest.ingest(str(subset_b), str(dest), allow_subset=True, log=quiet)
-    assert shards.read_manifest(str(dest)).content_checksum == first.manifest.content_checksum
+    assert shards.DataSet.open(str(dest)).manifest.content_checksum == first.manifest.content_checksum
     # ...unless --overwrite: the old shards go, unrelated files stay.
     second = ingest.ingest(str(subset_b), str(dest), allow_subset=True, overwrite=True, log=quiet)
     assert split_counts(second.manifest) == subset_expected(omniglot_dir, SUBSET_B)
     on_disk = {str(p.relative_to(dest)) for p in dest.rglob("*.parquet")}
     assert on_disk == {s.path for s in second.manifest.shards} and not on_disk & old_shards
     assert (dest / "NOTES.txt").read_text() == "not ours"
-    shards.verify(str(dest))
+    shards.DataSet.open(str(dest)).verify()
     # Tampering with a shard is detected.
     shard = second.manifest.shards_of("test")[0]
     table = pq.read_table(dest / shard.path)
@@ -337,7 +343,7 @@ def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, sub
     pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
                                     pa.array(images, pa.binary())), dest / shard.path)
     with pytest.raises(DatasetError, match="content checksum"):
-        shards.verify(str(dest))
+        shards.DataSet.open(str(dest)).verify()
 
 
 def test_failed_write_leaves_no_manifest_and_removes_own_shards(ray_cluster, subset_a: Path, tmp_path: Path,
@@ -402,8 +408,8 @@ def test_ingest_from_url(ray_cluster, http_server, subset_a: Path, omniglot_dir:
     rc = ingest.main(["--source", f"{base}/mirror", "--dest", str(dest), "--allow-subset",
                       "--cache-dir", str(tmp_path / "cache"), *checksums])
     assert rc == 0
-    manifest = shards.read_manifest(str(dest))
-    assert manifest.source["kind"] == "url" and manifest.source["uri"] == f"{base}/mirror"
+    manifest = shards.DataSet.open(str(dest)).manifest
+    assert manifest.source["kind"] == "omniglot" and manifest.source["uri"] == f"{base}/mirror"
     assert split_counts(manifest) == subset_expected(omniglot_dir, SUBSET_A)
 
 
@@ -428,16 +434,14 @@ def test_reader_refuses_missing_or_invalid_manifest(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetError, match="manifest.json does not exist"):
-        shards.read_manifest(str(empty))
+        shards.DataSet.open(str(empty))
     with pytest.raises(DatasetError, match="does not exist"):
-        shards.load_split_table(str(tmp_path / "nowhere"), "train")
+        shards.DataSet.open(str(tmp_path / "nowhere"))
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
-        shards.read_manifest(str(bad))
+        shards.DataSet.open(str(bad))
     (bad / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DatasetError, match="format"):
-        shards.read_manifest(str(bad))
-    with pytest.raises(DatasetError):
-        shards.read_split_dataset(str(bad), "train")
+        shards.DataSet.open(str(bad))

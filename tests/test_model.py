@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,7 +39,10 @@ def test_koch_layer_shapes_match_paper(koch: SiameseNet) -> None:
 
 
 def test_default_is_koch() -> None:
-    assert SiameseNet().config == ModelConfig.from_preset("koch")
+    from siamese_core.config import PAPER_PREPROCESS
+
+    # a network always carries its whole preprocessing: what was left open is the paper's
+    assert SiameseNet().config == dataclasses.replace(ModelConfig.from_preset("koch"), preprocess=PAPER_PREPROCESS)
     assert build_model().config.preset == "koch"
 
 

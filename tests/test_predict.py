@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from siamese_core import checkpoint
-from siamese_core.config import ModelConfig
+from siamese_core.config import PAPER_PREPROCESS, ModelConfig, PreprocessConfig
+from siamese_core.images import LabelledImages, decode_image
 from siamese_core.model import build_model, with_test_time_shift
-from siamese_core.omniglot import arrays_from_rows, decode_image, decode_png, quantize
 from workflows import predict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -128,11 +128,12 @@ def _rows(text: str) -> list[dict[str, str]]:
     return list(reader)
 
 
-def _decode_like_evaluation(files: list[Path]) -> torch.Tensor:
-    """The images as evaluation decodes shard rows (arrays_from_rows), float [N,1,S,S]."""
-    arrays = arrays_from_rows([f.read_bytes() for f in files], ["a"] * len(files), list(range(len(files))),
-                              [1] * len(files), paths=[str(f) for f in files], size=SIZE)
-    return torch.from_numpy(arrays.as_float())
+def _decode_like_evaluation(files: list[Path], preprocess: PreprocessConfig = PAPER_PREPROCESS,
+                            size: int = SIZE) -> torch.Tensor:
+    """The images as evaluation decodes shard rows (``LabelledImages.decode``), float [N,C,S,S]."""
+    images = LabelledImages.decode([f.read_bytes() for f in files], ["a"] * len(files), [str(f) for f in files],
+                                   preprocess, size)
+    return torch.from_numpy(images.as_float())
 
 
 def _support_files(support: Path) -> dict[str, list[Path]]:
@@ -148,8 +149,9 @@ def _expected_queries(pngs) -> list[str]:
 def _direct_scores(model, query_files: list[Path], classes: dict[str, list[Path]]) -> list[dict[str, float]]:
     """Per query, per class: the best ``model.similarity`` over the class's images, pair by pair."""
     names = [c for c, files in classes.items() for _ in files]
-    xs = _decode_like_evaluation([f for files in classes.values() for f in files])
-    xq = _decode_like_evaluation(query_files)
+    pre, size = model.config.preprocess, model.config.input_size
+    xs = _decode_like_evaluation([f for files in classes.values() for f in files], pre, size)
+    xq = _decode_like_evaluation(query_files, pre, size)
     left = xq.repeat_interleave(len(names), dim=0)
     right = xs.repeat(len(query_files), 1, 1, 1)
     with torch.no_grad():
@@ -246,20 +248,23 @@ def test_output_file_and_real_entrypoint(model_dir, folders, tmp_path, capsys):
 
 
 def test_decode_image_is_the_evaluation_preprocessing(pngs):
-    """Every colour mode of one image decodes like the PNG in the shards (decode_png kept)."""
+    """Every colour mode of one image decodes like the PNG in the shards: grayscale, resized, inverted."""
     original = pngs["alpha", 1]
-    reference = quantize(decode_png(original, size=SIZE))
+    reference = decode_image(original, PAPER_PREPROCESS, SIZE)
     img = Image.open(io.BytesIO(original))
     assert img.mode == "1"
     gray = img.convert("L")
+    # the paper's preprocessing, computed here with Pillow alone: ink (dark) becomes 255
+    by_hand = 255 - np.asarray(gray.resize((SIZE, SIZE), Image.BILINEAR), dtype=np.uint8)
+    np.testing.assert_array_equal(reference[0], by_hand)
     transparent = Image.new("LA", gray.size, (0, 0))
     transparent.putalpha(Image.eval(gray, lambda v: 255 - v))
     for data in [_encode(gray, "PNG"), _encode(img.convert("RGB"), "PNG"), _encode(img.convert("RGBA"), "PNG"),
                  _encode(transparent, "PNG"), _encode(img.convert("P"), "GIF"), _encode(gray, "BMP"),
                  _encode(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "PNG")]:
-        np.testing.assert_array_equal(quantize(decode_image(data, size=SIZE)), reference)
-    assert decode_image(original).shape == (105, 105)
-    assert decode_image(original, size=SIZE).dtype == np.float32
+        np.testing.assert_array_equal(decode_image(data, PAPER_PREPROCESS, SIZE), reference)
+    assert decode_image(original).shape == (1, 105, 105)
+    assert decode_image(original, size=SIZE).dtype == np.uint8
 
 
 # ----------------------------------------------------------------------------- errors
@@ -366,3 +371,51 @@ def test_registered_mlflow_model_predicts_like_its_checkpoint(model, model_dir, 
                                    "--support", support, "--query", query], capsys)
     assert code == 0, err
     assert from_mlflow == from_ckpt
+
+
+@pytest.mark.integration
+def test_a_colour_models_preprocessing_travels_from_the_registry_into_predict(pngs, folders, tmp_path, capsys,
+                                                                            monkeypatch):
+    """An RGB model with its own fit, polarity and normalisation: the registered model decodes exactly as
+    its checkpoint, and the served model (MLflow's pyfunc, image bytes in) scores as the network does."""
+    import mlflow
+
+    from workflows import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pre = PreprocessConfig(color="rgb", fit="crop", invert=False, mean=(0.8, 0.7, 0.6), std=(0.3, 0.2, 0.25))
+    cfg = ModelConfig(preset="tiny-rgb", input_size=SIZE, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2),
+                      embedding_dim=32, init="kaiming", preprocess=pre)
+    net = build_model(cfg, seed=1).eval()
+    assert net.conv1.in_channels == 3
+    ckpt = tmp_path / "rgb"
+    ckpt.mkdir()
+    checkpoint.save(ckpt, net)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.mlflow_run(uri, "predict-rgb", run_name="log"):
+        tracking.log_model(net, "rgb-model")
+    support, query = folders
+    code, from_ckpt, err = _run(["--model", ckpt, "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    code, from_mlflow, err = _run(["--model", "models:/rgb-model/1", "--tracking-uri", uri,
+                                   "--support", support, "--query", query], capsys)
+    assert code == 0, err
+    assert from_mlflow == from_ckpt
+    # the scores are the network's on images decoded with the model's own preprocessing, not the paper's
+    rows = _rows(from_ckpt)
+    direct = _direct_scores(net, [query / r["query"] for r in rows], _support_files(support))
+    for row, per_class in zip(rows, direct):
+        assert float(row["score"]) == pytest.approx(per_class[row["predicted"]], abs=1e-5)
+    # the served model: pairs of encoded images in, the same similarities out
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/rgb-model/1")
+    left, right = [pngs["alpha", 1], pngs["beta", 2]], [pngs["alpha", 2], pngs["beta", 2]]
+    import pandas as pd
+
+    p = served.predict(pd.DataFrame({"left": left, "right": right}))
+    with torch.no_grad():
+        xl = torch.from_numpy(np.stack([decode_image(b, pre, SIZE) for b in left]).astype(np.float32) / 255)
+        xr = torch.from_numpy(np.stack([decode_image(b, pre, SIZE) for b in right]).astype(np.float32) / 255)
+        expected = net.similarity(xl, xr).numpy()
+    np.testing.assert_allclose(np.asarray(p), expected, atol=1e-6)
+    assert float(p[1]) == pytest.approx(1 / (1 + math.exp(-float(net.head.bias))), abs=1e-6)  # identical images

@@ -147,30 +147,38 @@ def _distinct_images(n: int, size: int = 6) -> torch.Tensor:
     return x
 
 
-def test_in_batch_pairings_skip_own_pair_copies_and_identical_images() -> None:
-    img = _distinct_images(7)
-    # rows: pairs (0,1), (2,3), (0,1) again (a distorted copy of row 0), (4,5), (6,2)
-    left = img[[0, 2, 0, 4, 6]]
-    right = img[[1, 3, 1, 5, 2]]
-    b = left.shape[0]
-    ids = torch.cat([torch.tensor([0, 2, 0, 4, 6]), torch.tensor([1, 3, 1, 5, 2])])  # image id per position
-    group = torch.tensor([0, 1, 0, 3, 4])  # rows 0 and 2 hold the same pair
+def _keys(left_class, right_class, left_image, right_image) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(k, dtype=torch.int64) for k in (left_class, right_class, left_image, right_image))
+
+
+def _distinct_keys(b: int) -> tuple[torch.Tensor, ...]:
+    """Keys of ``b`` pairs of 2b different images of 2b different classes."""
+    return _keys(range(b), range(b, 2 * b), range(b), range(b, 2 * b))
+
+
+def test_in_batch_pairings_skip_own_pair_copies_and_images_of_one_class() -> None:
+    # rows: pairs of images (0,1), (2,3), (0,1) again (a distorted copy of row 0), (4,5), (6,2);
+    # classes: images 2 and 3 are one class (a "same" pair), image 6 is of image 0's class
+    image_class = {0: 10, 1: 11, 2: 12, 3: 12, 4: 14, 5: 15, 6: 10}
+    left_image, right_image = [0, 2, 0, 4, 6], [1, 3, 1, 5, 2]
+    keys = _keys([image_class[i] for i in left_image], [image_class[i] for i in right_image], left_image, right_image)
+    b = 5
+    ids = left_image + right_image  # image per position
+    pair = [0, 1, 0, 3, 4]  # rows 0 and 2 hold the same pair
     expected = {(i, j) for i in range(2 * b) for j in range(i + 1, 2 * b)
-                if group[i % b] != group[j % b] and ids[i] != ids[j]}
-    i, j = in_batch_negative_pairings(left, right)
+                if pair[i % b] != pair[j % b] and image_class[ids[i]] != image_class[ids[j]]}
+    i, j = in_batch_negative_pairings(keys)
     got = set(zip(i.tolist(), j.tolist()))
     assert got == expected
     assert (1, 9) not in got  # image 2 appears in rows 1 and 4: never "different" from itself
-    # the same pairings from the model's float input
-    fi, fj = in_batch_negative_pairings(to_model_input(left, torch.device("cpu")),
-                                        to_model_input(right, torch.device("cpu")))
-    assert set(zip(fi.tolist(), fj.tolist())) == expected
+    assert (0, 4) not in got  # images 0 and 6: two images of one class, never "different"
+    assert (0, 1) in got  # two images of different classes in different pairs
 
 
 def test_forward_scores_extra_pairings_like_the_head() -> None:
     model = build_model(TINY, seed=0)
     left, right, _ = separable_pairs(6, TINY.input_size, seed=9)
-    i, j = in_batch_negative_pairings(left, right)
+    i, j = in_batch_negative_pairings(_distinct_keys(6))
     logits, others = model(left, right, (i, j))
     h = model.embed(torch.cat([left, right]))
     assert torch.allclose(logits, model(left, right), atol=1e-6)
@@ -201,7 +209,7 @@ def test_in_batch_negative_steps_are_bitwise_repeatable_on_two_threads() -> None
             model = build_model("cpu-small", seed=0).to(memory_format=torch.channels_last)
             opt = build_optimizer(model, OptimizerConfig())
             for left, right, same in batches:
-                train_step(model, opt, left, right, same, in_batch_negatives=1.0)
+                train_step(model, opt, left, right, same, in_batch_negatives=1.0, keys=_distinct_keys(32))
             return weights(model)
 
         first, second = trained(), trained()
@@ -219,11 +227,14 @@ def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> 
         opt = build_optimizer(model, OptimizerConfig(lr=0.05))
         with torch.no_grad():
             pair_loss = torch.nn.functional.binary_cross_entropy_with_logits(model(left, right), same).item()
-        kwargs = {} if weight is None else {"in_batch_negatives": weight}
+        kwargs = {} if weight is None else {"in_batch_negatives": weight, "keys": _distinct_keys(16)}
         returned = train_step(model, opt, left, right, same, **kwargs)
-        assert returned == pytest.approx(pair_loss, rel=1e-5)  # the pairs' loss, whatever the weight
+        assert isinstance(returned, torch.Tensor) and not returned.requires_grad  # read once per epoch, not per step
+        assert float(returned) == pytest.approx(pair_loss, rel=1e-5)  # the pairs' loss, whatever the weight
         after[weight] = model.head.weight.detach().clone()
     assert torch.equal(after[None], after[0.0])
     assert not torch.allclose(after[0.0], after[0.5])
     with pytest.raises(ValueError, match="in_batch_negatives"):
         train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=-1.0)
+    with pytest.raises(ValueError, match="keys"):
+        train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=1.0)

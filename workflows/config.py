@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from siamese_core.config import (RECIPES, ConfigError, DistortionConfig,
-                                 ModelConfig, OptimizerConfig, PairConfig, TrainingConfig,
-                                 LAYER_NAMES, TrainingRecipe, _require, apply_overrides)
+from siamese_core.config import (LAYER_NAMES, RECIPES, ConfigError, DistortionConfig, EvaluationConfig,
+                                 ModelConfig, OptimizerConfig, PairConfig, TrainingConfig, TrainingRecipe,
+                                 _require, apply_overrides)
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class DataSection:
     """Where the shards are and how the pair stage runs."""
 
     uri: str = "./data/omniglot-shards"
+    """A data set written by ``workflows.ingest`` (a directory or s3:// prefix)."""
     endpoint_url: str | None = None
     pair_stage_cpus: float = 0.5
     """CPUs per pair-stage task: a fraction, so the stage always finds a slot beside the workers."""
@@ -174,6 +175,7 @@ class JobConfig:
     distort: DistortionConfig = field(default_factory=DistortionConfig)
     pairs: PairConfig = field(default_factory=PairConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     data: DataSection = field(default_factory=DataSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -181,7 +183,7 @@ class JobConfig:
     @property
     def recipe(self) -> TrainingRecipe:
         return TrainingRecipe(model=self.model, optim=self.optim, distort=self.distort,
-                              pairs=self.pairs, training=self.training)
+                              pairs=self.pairs, training=self.training, evaluation=self.evaluation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,7 +195,8 @@ def from_recipe(name: str) -> JobConfig:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     r = RECIPES[name]
-    return JobConfig(model=r.model, optim=r.optim, distort=r.distort, pairs=r.pairs, training=r.training)
+    return JobConfig(model=r.model, optim=r.optim, distort=r.distort, pairs=r.pairs, training=r.training,
+                     evaluation=r.evaluation)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

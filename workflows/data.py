@@ -1,9 +1,11 @@
 """Ray Data: training shards -> decoded images -> same/different pairs, streamed.
 
-Each Parquet shard holds whole alphabets (see ``workflows.ingest``), so the
-pair stage samples within one block at a time: its memory is bounded by a few
-shards in flight, never by the size of the data set, and it needs no global
-shuffle. Pairs are a pure function of ``(seed, epoch, alphabet)``:
+Each Parquet shard holds whole groups, or whole classes where the data has no
+groups (see ``workflows.ingest``), so the pair stage samples within one shard at
+a time: its memory is bounded by a few shards in flight, never by the size of
+the data set, and it needs no global shuffle. Pairs are a pure function of
+``(seed, epoch, unit)`` (:func:`siamese_core.pairs.unit_pairs`; a unit is a group,
+or a shard where there are no groups):
 
 * the epoch is the one the Train workers are on: they set it on an
   :class:`EpochClock` actor before each pass, and each stage task reads it, so
@@ -11,11 +13,14 @@ shuffle. Pairs are a pure function of ``(seed, epoch, alphabet)``:
   from a checkpoint (new workers, or a new driver) draws the pairs of the epoch
   it trains, not epoch 0's again. Without a clock (a dataset iterated
   directly), the epoch is the index of the dataset's execution;
-* every alphabet gets ``pairs_per_epoch / n_alphabets`` pairs, as in the paper.
+* every group gets an equal share of ``pairs_per_epoch``, as in the paper, or
+  every class where there are no groups.
 
-The stage emits each pair once; the ``distorted_copies`` are expanded on the
-training device (:func:`expand_copies`), where the affine distortions run, so
-the stream carries no duplicated bytes.
+Each image travels with int64 keys of its class and its id, so a trainer knows
+which images and classes are the same without looking at pixels. The stage
+emits each pair once; the ``distorted_copies`` are expanded on the training
+device (``siamese_core.loop.expand_copies``), where the affine distortions run,
+so the stream carries no duplicated bytes.
 
 On the worker, :class:`EpochStream` pulls each epoch's pass ahead into a queue
 and starts the next pass before the worker asks for it (the announcing of the
@@ -24,26 +29,18 @@ epoch to the clock moves with it).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from siamese_core.config import PairConfig
-from siamese_core.omniglot import decode_png
-from siamese_core.pairs import sample_pairs
+from siamese_core.config import ModelConfig, PairConfig
+from siamese_core.images import decode_image
+from siamese_core.loop import unit_name
+from siamese_core.pairs import name_keys, pairs_per_unit, unit_pairs
 
-PAIR_COLUMNS = ("left", "right", "same", "epoch")
-SOURCE_COLUMNS = ["image", "image_id", "alphabet", "character", "drawer"]
-
-
-def alphabet_seed(seed: int, alphabet: str) -> int:
-    """A stable 63-bit seed per (run seed, alphabet), independent of how blocks are cut."""
-    digest = hashlib.sha256(f"{seed}:{alphabet}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+PAIR_COLUMNS = ("left", "right", "same", "left_class", "right_class", "left_image", "right_image", "epoch")
 
 
 def current_execution_index() -> int:
@@ -59,47 +56,62 @@ def current_execution_index() -> int:
 
 @dataclass
 class DecodedShard:
-    """One shard's rows in the training drawers, with images decoded on first use and kept.
+    """One shard's training rows (its pairing sources, known classes only), decoded on first use and kept.
 
-    Why: decoding PNGs is most of the pair stage's work, and every epoch samples
-    from the same rows. Keeping the decoded rows (in :class:`ShardCache`) leaves
-    later epochs only the sampling and a gather.
+    Why: decoding is most of the pair stage's work, and every epoch samples from the
+    same rows. Keeping the decoded rows (in :class:`ShardCache`) leaves later epochs
+    only the sampling and a gather.
     """
 
-    alphabet: np.ndarray
-    character: np.ndarray
-    drawer: np.ndarray
+    label: np.ndarray  # int64 class codes, local to the shard
+    unit: np.ndarray  # str: the pairing unit of each row (its group, or the shard)
+    source: np.ndarray | None
     image_id: np.ndarray
-    pngs: np.ndarray | None
-    images: np.ndarray
-    decoded: np.ndarray
-    png_bytes: int = 0
+    class_key: np.ndarray  # int64 (siamese_core.pairs.name_keys of the label)
+    image_key: np.ndarray  # int64 (of the image id)
+    images: np.ndarray  # uint8 [n, C, S, S]
+    decoded: np.ndarray  # bool [n]
+    encoded: np.ndarray | None
+    encoded_bytes: int = 0
 
     @classmethod
-    def from_rows(cls, rows: dict[str, np.ndarray], drawers: tuple[int, ...], image_size: int) -> "DecodedShard":
-        keep = np.flatnonzero(np.isin(rows["drawer"], drawers))
-        n = len(keep)
-        pngs = np.asarray(rows["image"], dtype=object)[keep]
-        return cls(alphabet=np.asarray(rows["alphabet"])[keep], character=np.asarray(rows["character"])[keep],
-                   drawer=np.asarray(rows["drawer"])[keep], image_id=np.asarray(rows["image_id"])[keep],
-                   pngs=pngs, images=np.zeros((n, image_size, image_size), dtype=np.uint8),
-                   decoded=np.zeros(n, dtype=bool), png_bytes=sum(len(p) for p in pngs))
+    def from_rows(cls, rows: dict[str, np.ndarray], pair_cfg: PairConfig, model: ModelConfig, shard_index: int,
+                  unknown_label: str | None = None) -> "DecodedShard":
+        labels = np.asarray(rows["label"], dtype=object)
+        keep = labels != unknown_label if unknown_label is not None else np.ones(len(labels), bool)
+        source = None if rows.get("source") is None else np.asarray(rows["source"], dtype=str)
+        if pair_cfg.sources:
+            if source is None:
+                raise ValueError(f"pairs.sources={list(pair_cfg.sources)}, but the data set has no source column")
+            keep &= np.isin(source, np.asarray(pair_cfg.sources, dtype=str))
+        keep = np.flatnonzero(keep)
+        names = labels[keep].astype(str)
+        codes = np.unique(names, return_inverse=True)[1].astype(np.int64)
+        unit = (np.asarray(rows["group"], dtype=str)[keep] if rows.get("group") is not None
+                else np.full(keep.size, unit_name(shard_index)))
+        encoded = np.asarray(rows["image"], dtype=object)[keep]
+        preprocess = model.preprocess.resolved()
+        image_id = np.asarray(rows["image_id"], dtype=str)[keep]
+        return cls(label=codes, unit=unit, source=None if source is None else source[keep], image_id=image_id,
+                   class_key=name_keys(names), image_key=name_keys(image_id),
+                   images=np.zeros((keep.size, preprocess.channels, model.input_size, model.input_size), np.uint8),
+                   decoded=np.zeros(keep.size, dtype=bool), encoded=encoded,
+                   encoded_bytes=sum(len(p) for p in encoded))
 
-    def ensure_decoded(self, rows: np.ndarray) -> None:
-        """Decode the given rows that are not decoded yet; drop the PNG bytes once all are."""
-        size = self.images.shape[1]
+    def ensure_decoded(self, rows: np.ndarray, model: ModelConfig) -> None:
+        """Decode the given rows that are not decoded yet; drop the encoded bytes once all are."""
+        preprocess = model.preprocess.resolved()
         for i in rows[~self.decoded[rows]]:
-            assert self.pngs is not None
-            image = decode_png(self.pngs[i], path=str(self.image_id[i]), size=size)
-            self.images[i] = np.rint(image * 255.0).astype(np.uint8)
+            assert self.encoded is not None
+            self.images[i] = decode_image(self.encoded[i], preprocess, model.input_size, path=str(self.image_id[i]))
             self.decoded[i] = True
-        if self.pngs is not None and self.decoded.all():
-            self.pngs, self.png_bytes = None, 0
+        if self.encoded is not None and self.decoded.all():
+            self.encoded, self.encoded_bytes = None, 0
 
     @property
     def nbytes(self) -> int:
-        return int(self.images.nbytes + self.png_bytes + self.image_id.nbytes + self.alphabet.nbytes
-                   + 16 * len(self.drawer))
+        return int(self.images.nbytes + self.encoded_bytes + self.image_id.nbytes + self.unit.nbytes
+                   + 24 * len(self.label))
 
 
 class ShardCache:
@@ -191,20 +203,18 @@ def start_epoch_clock() -> Any:
 
 
 class PairStage:
-    """Pairs from one shard's decoded rows, a pure function of ``(seed, epoch, alphabet)``.
+    """Pairs from one shard's decoded rows, a pure function of ``(seed, epoch, unit)``.
 
-    Images are decoded and resized to the model's input size here, on Ray Data's
-    CPUs, so trainers receive ready uint8 arrays.
+    Images are decoded with the model's preprocessing and resized to its input here, on
+    Ray Data's CPUs, so trainers receive ready uint8 arrays.
     """
 
-    def __init__(self, pair_cfg: PairConfig, image_size: int, seed: int, n_alphabets: int,
-                 negatives: str = "same_alphabet", clock: Any = None) -> None:
-        self.pair_cfg = pair_cfg
-        self.image_size = image_size
-        self.seed = seed
-        self.pairs_per_alphabet = max(1, round(pair_cfg.pairs_per_epoch / max(1, n_alphabets)))
-        self.negatives = negatives
-        self.clock = clock
+    def __init__(self, pair_cfg: PairConfig, model: ModelConfig, seed: int, has_groups: bool, n_units: int,
+                 total_classes: int, negatives: str = "same_group", clock: Any = None,
+                 unknown_label: str | None = None) -> None:
+        self.pair_cfg, self.model, self.seed = pair_cfg, model, seed
+        self.has_groups, self.n_units, self.total_classes = has_groups, n_units, total_classes
+        self.negatives, self.clock, self.unknown_label = negatives, clock, unknown_label
 
     def current_epoch(self) -> int:
         """The workers' epoch from the clock; without one, the dataset's execution index."""
@@ -214,36 +224,36 @@ class PairStage:
 
         return int(ray.get(self.clock.get.remote()))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """A block of image rows (the shard schema) -> its pairs for the current epoch."""
-        return self.pairs_for_shard(self.decoded_shard(batch), self.current_epoch())
-
-    def decoded_shard(self, rows: dict[str, np.ndarray]) -> DecodedShard:
-        return DecodedShard.from_rows(rows, self.pair_cfg.drawers, self.image_size)
+    def decoded_shard(self, rows: dict[str, np.ndarray], shard_index: int) -> DecodedShard:
+        return DecodedShard.from_rows(rows, self.pair_cfg, self.model, shard_index, self.unknown_label)
 
     def pairs_for_shard(self, shard: DecodedShard, epoch: int) -> dict[str, np.ndarray]:
-        outputs = [self.pairs_for_alphabet(shard, name, epoch) for name in sorted(set(shard.alphabet))]
+        outputs = [self.pairs_for_unit(shard, name, epoch) for name in sorted(set(shard.unit.tolist()))]
         if not outputs:
-            empty = np.zeros((0, self.image_size, self.image_size), dtype=np.uint8)
-            return {"left": empty, "right": empty, "same": np.zeros(0, np.float32), "epoch": np.zeros(0, np.int32)}
+            size, channels = self.model.input_size, self.model.preprocess.resolved().channels
+            empty = np.zeros((0, channels, size, size), dtype=np.uint8)
+            keys = np.zeros(0, np.int64)
+            return {"left": empty, "right": empty, "same": np.zeros(0, np.float32), "left_class": keys,
+                    "right_class": keys, "left_image": keys, "right_image": keys, "epoch": np.zeros(0, np.int32)}
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
-    def pairs_for_alphabet(self, shard: DecodedShard, alphabet: str, epoch: int) -> dict[str, np.ndarray]:
-        rows = np.flatnonzero(shard.alphabet == alphabet)
-        cfg = dataclasses.replace(self.pair_cfg, pairs_per_epoch=max(2, self.pairs_per_alphabet),
-                                  distorted_copies=0)
-        pairs = sample_pairs(shard.alphabet[rows], shard.character[rows], cfg,
-                             seed=alphabet_seed(self.seed, alphabet), epoch=epoch,
-                             drawer=shard.drawer[rows], negatives=self.negatives)
+    def pairs_for_unit(self, shard: DecodedShard, unit: str, epoch: int) -> dict[str, np.ndarray]:
+        rows = np.flatnonzero(shard.unit == unit)
+        n = pairs_per_unit(self.pair_cfg, self.has_groups, self.n_units, np.unique(shard.label[rows]).size,
+                           self.total_classes)
+        pairs = unit_pairs(None, shard.label[rows], self.pair_cfg, self.seed, epoch, unit, n,
+                           source=None if shard.source is None else shard.source[rows],
+                           negatives=self.negatives)  # type: ignore[arg-type]
         left, right = rows[pairs.left], rows[pairs.right]
-        shard.ensure_decoded(np.unique(np.concatenate([left, right])))
-        return {"left": shard.images[left], "right": shard.images[right],
-                "same": pairs.same.astype(np.float32),
+        shard.ensure_decoded(np.unique(np.concatenate([left, right])), self.model)
+        return {"left": shard.images[left], "right": shard.images[right], "same": pairs.same.astype(np.float32),
+                "left_class": shard.class_key[left], "right_class": shard.class_key[right],
+                "left_image": shard.image_key[left], "right_image": shard.image_key[right],
                 "epoch": np.full(len(pairs), epoch, dtype=np.int32)}
 
 
 class ShardPairs:
-    """``map_batches`` callable: shard paths -> that shard's pairs (one shard read at a time).
+    """``map_batches`` callable: shard paths -> those shards' pairs (one shard read at a time).
 
     Ray Data's Parquet reader merges small files into one block, which would
     hand the pair stage the whole data set at once; reading each listed shard
@@ -252,41 +262,39 @@ class ShardPairs:
     at most), so later epochs neither read nor decode them again.
     """
 
-    def __init__(self, filesystem: Any, stage: PairStage, cache_bytes: int = 0, dataset_key: str = "") -> None:
-        self.filesystem = filesystem
+    def __init__(self, dataset: Any, stage: PairStage, cache_bytes: int = 0) -> None:
+        self.dataset = dataset
         self.stage = stage
         self.cache_bytes = cache_bytes
-        self.dataset_key = dataset_key
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cache = process_cache(self.cache_bytes)
         epoch = self.stage.current_epoch()
         outputs = []
-        for path in batch["path"]:
-            key = (self.dataset_key, str(path), self.stage.image_size, self.stage.pair_cfg.drawers)
+        for path, index in zip(batch["path"], batch["index"]):
+            key = (self.dataset.manifest.content_checksum, str(path), self.stage.model.input_size,
+                   self.stage.model.preprocess, self.stage.pair_cfg.sources)
             shard = cache.get(key)  # a hit also marks it most recently used
             if shard is None:
-                shard = self.stage.decoded_shard(self.read(str(path)))
+                shard = self.stage.decoded_shard(self.read(str(path)), int(index))
                 cache.put(key, shard)
             outputs.append(self.stage.pairs_for_shard(shard, epoch))
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
     def read(self, path: str) -> dict[str, np.ndarray]:
-        import pyarrow.parquet as pq
+        columns = [c for c in ("image", "image_id", "label", "group", "source") if c in self.dataset.columns()]
+        table = self.dataset.read_shard(path, columns)
+        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
 
-        table = pq.read_table(path, columns=SOURCE_COLUMNS, filesystem=self.filesystem)
-        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in SOURCE_COLUMNS}
 
-
-def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
-                   endpoint_url: str | None = None, clock: Any = None,
-                   negatives: str = "same_alphabet", num_cpus: float = 0.5, read_cpus: float = 0.25,
+def training_pairs(dataset: Any, pair_cfg: PairConfig, model: ModelConfig, seed: int, clock: Any = None,
+                   negatives: str = "same_group", num_cpus: float = 0.5, read_cpus: float = 0.25,
                    concurrency: int = 1, cache_mb: float = 0.0, shards_per_task: int = 1) -> Any:
-    """The streaming pair dataset over the training split (lazy; runs when iterated).
+    """The streaming pair dataset over the training split of ``dataset`` (a ``shards.DataSet``; lazy).
 
-    * The manifest's shard list is the dataset; each task reads one shard and
-      emits its pairs, so memory holds ``concurrency`` shards at a time,
-      whatever the size of the data set.
+    * The manifest's shard list is the dataset; each task reads its shards one
+      at a time and emits their pairs, so memory holds ``concurrency`` tasks'
+      shards at a time, whatever the size of the data set.
     * Tasks, not actors: Ray re-executes the pipeline every epoch, and tasks
       reuse warm worker processes where an actor pool is created again.
     * CPU requests are fractional so the stage always finds a slot beside the
@@ -303,33 +311,18 @@ def training_pairs(uri: str, pair_cfg: PairConfig, image_size: int, seed: int,
     """
     import ray.data
 
-    from workflows import shards, storage
-
-    manifest = shards.read_manifest(uri, endpoint_url)
-    n_alphabets = int(manifest.splits["train"]["alphabets"])
-    loc, paths = shards.split_files(uri, "train", endpoint_url)
-    stage = PairStage(pair_cfg=pair_cfg, image_size=image_size, seed=seed, n_alphabets=n_alphabets,
-                      negatives=negatives, clock=clock)
+    manifest = dataset.manifest
+    paths = dataset.shard_paths("train")
+    stage = PairStage(pair_cfg, model, seed, has_groups=manifest.has_group,
+                      n_units=dataset.group_count("train") if manifest.has_group else len(paths),
+                      total_classes=dataset.class_count("train"), negatives=negatives, clock=clock,
+                      unknown_label=manifest.unknown_label)
     per_task = max(1, int(shards_per_task))
-    listing = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=-(-len(paths) // per_task))
-    pairs = ShardPairs(storage.patient(loc.fs), stage, cache_bytes=int(cache_mb * 2**20),
-                       dataset_key=manifest.content_checksum)
+    listing = ray.data.from_items([{"path": p, "index": i} for i, p in enumerate(paths)],
+                                  override_num_blocks=-(-len(paths) // per_task))
+    pairs = ShardPairs(dataset, stage, cache_bytes=int(cache_mb * 2**20))
     return listing.map_batches(pairs, batch_size=per_task, batch_format="numpy",
                                num_cpus=num_cpus + read_cpus, compute=ray.data.TaskPoolStrategy(size=concurrency))
-
-
-def expand_copies(left: Any, right: Any, same: Any, copies: int) -> tuple[Any, Any, Any, Any]:
-    """Each pair once undistorted plus ``copies`` times flagged for distortion (paper: 8).
-
-    Works on torch tensors on any device; returns (left, right, same, distort_mask).
-    """
-    import torch
-
-    n = left.shape[0]
-    reps = copies + 1
-    mask = torch.arange(n * reps, device=left.device) >= n
-    return (left.repeat(reps, *([1] * (left.dim() - 1))), right.repeat(reps, *([1] * (right.dim() - 1))),
-            same.repeat(reps), mask)
 
 
 def iter_epoch_chunks(shard: Any, chunk_pairs: int, batch_size: int, shuffle_buffer: int = 0,
@@ -493,15 +486,3 @@ class _Pass:
         self.stopped.set()
         if self.successor is not None:
             self.successor.abandon()
-
-
-def iter_steps(left: Any, right: Any, same: Any, mask: Any, batch_size: int,
-               generator: Any) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """Shuffle an expanded chunk and cut it into training batches of ``batch_size``
-    (a last partial batch is dropped, as ``drop_last`` would)."""
-    import torch
-
-    order = torch.randperm(left.shape[0], generator=generator, device=generator.device).to(left.device)
-    for start in range(0, left.shape[0] - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
-        yield left[idx], right[idx], same[idx], mask[idx]

@@ -1,10 +1,11 @@
-"""``python -m workflows.evaluate``: one-shot accuracy of a model on ingested shards -> MLflow.
+"""``python -m workflows.evaluate``: one-shot accuracy of a model on an ingested data set -> MLflow.
 
-Reads one split (``test`` by default: Lake's 10 alphabets, 400 trials) from
-the shards that ``workflows.ingest`` wrote, runs the seeded N-way within-
-alphabet trials of :mod:`siamese_core.oneshot`, prints the accuracy and
-records it in MLflow. ``--model pixel-nn`` is the 1-nearest-neighbour pixel
-baseline (the paper reports 21.7% on Lake's protocol).
+Reads one split (``test`` by default) of the shards that ``workflows.ingest``
+wrote, runs the seeded N-way K-shot episodes of :mod:`siamese_core.oneshot`
+(within each group, support and query from different sources where the data
+has them; Lake's 400 trials on Omniglot), prints the accuracy beside the pixel
+nearest-neighbour baseline on the same episodes, and records both in MLflow.
+``--model pixel-nn`` scores the baseline alone.
 """
 
 from __future__ import annotations
@@ -15,39 +16,37 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from siamese_core.config import TEST_TIME_VIEWS, OneShotConfig
-from siamese_core.omniglot import OmniglotArrays, arrays_from_rows
-from siamese_core.fit import oneshot_trials
-from siamese_core.oneshot import OneShotResult, pixel_nearest_neighbour, score_runs
+from siamese_core.config import TEST_TIME_VIEWS, EvaluationConfig
+from siamese_core.images import LabelledImages
+from siamese_core.oneshot import OneShotResult, OneShotRun, pixel_nearest_neighbour, score_runs
 
-from workflows import shards, tracking
+from workflows import tracking
 
 BASELINES = ("pixel-nn",)
 
 
 @dataclass(frozen=True)
-class EvaluationRequest:
-    data: str
-    split: str = "test"
-    model: str = "pixel-nn"
-    seed: int = 0
-    n_way: int = 20
-    runs_per_alphabet: int = 2
-    endpoint_url: str | None = None
-    tracking_uri: str | None = None  # MLflow store a models:/ or runs:/ model is loaded from
-    test_time_shift_px: int | None = None  # None: the model's own test-time views
-    test_time_views: str | None = None  # "cross" or "square"; None: the model's own
+class Evaluation:
+    """A one-shot result with the images and runs it came from (for pictures), and how it was scored."""
+
+    result: OneShotResult
+    images: LabelledImages
+    runs: list[OneShotRun]
+    protocol: str
+    invert: bool = True  # how the images were preprocessed (pictures show ink dark)
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """A one-shot result with the images and runs it came from (for pictures)."""
+class Report:
+    """What a finished model reports: its test episodes, the pixel baseline on the same ones, one view."""
 
-    result: OneShotResult
-    arrays: OmniglotArrays
-    runs: list
-    test_time_shift_px: int = 0  # the model's test-time views the result was scored with
-    test_time_views: str = "cross"  # and their pattern (model.test_time_views)
+    evaluation: Evaluation
+    baseline: OneShotResult
+    single_view_accuracy: float | None
+
+    @property
+    def protocol(self) -> str:
+        return self.evaluation.protocol
 
 
 def views_description(test_time_shift_px: int, test_time_views: str = "cross") -> str:
@@ -60,54 +59,86 @@ def views_description(test_time_shift_px: int, test_time_views: str = "cross") -
     return f", mean embedding over {count} views ({test_time_views} of shifts up to {test_time_shift_px} px)"
 
 
-def load_split_arrays(data: str, split: str, endpoint_url: str | None = None,
-                      size: int | None = None) -> OmniglotArrays:
-    """Decode one split of the shards into arrays (plain pyarrow, no Ray), resized to ``size``."""
-    table = shards.load_split_table(data, split, endpoint_url=endpoint_url,
-                                    columns=["image", "alphabet", "character", "drawer", "image_id"])
-    columns = table.to_pydict()
-    return arrays_from_rows(columns["image"], columns["alphabet"], columns["character"],
-                            columns["drawer"], paths=columns["image_id"], size=size)
+def protocol_of(runs: list[OneShotRun], images: LabelledImages, split: str, seed: int, views: str = "") -> str:
+    """The episodes in words, for the printout and MLflow."""
+    n_way = runs[0].n_way
+    k_shot = runs[0].support.size // max(1, n_way)
+    groups = sorted({r.group for r in runs})
+    where = (f"within each of {len(groups)} {split} groups" if images.group is not None
+             else f"over the {split} split's {len(images.classes)} classes")
+    sources = ", support and query from different sources" if images.source is not None else ""
+    return (f"{n_way}-way {k_shot}-shot {where}, {len(runs)} runs{sources}, seed {seed}{views}")
 
 
-def evaluate_model(model: Any, data: str, split: str = "test", seed: int = 0,
-                   endpoint_url: str | None = None, cfg: OneShotConfig = OneShotConfig()) -> Evaluation:
-    """Score a :class:`~siamese_core.model.SiameseNet` on a split's one-shot trials (its own input size)."""
+def evaluate_model(model: Any, dataset: Any, split: str = "test", seed: int = 0,
+                   evaluation: EvaluationConfig = EvaluationConfig(), images: LabelledImages | None = None) -> Evaluation:
+    """Score a :class:`~siamese_core.model.SiameseNet` on a split's one-shot episodes (its own preprocessing)."""
     from siamese_core.checkpoint import unwrap
-    from siamese_core.fit import evaluate_oneshot
+    from siamese_core.evaluation import episodes, evaluate_oneshot
 
     net = unwrap(model)
-    arrays = load_split_arrays(data, split, endpoint_url, size=net.config.input_size)
-    runs = oneshot_trials(arrays, cfg, seed)
-    return Evaluation(evaluate_oneshot(net, arrays, runs), arrays, runs, net.config.test_time_shift_px,
-                      net.config.test_time_views)
+    images = images if images is not None else dataset.load_images(split, net.config.input_size,
+                                                                      net.config.preprocess)
+    runs = episodes(images, evaluation, seed, validation=split == "validation")
+    views = views_description(net.config.test_time_shift_px, net.config.test_time_views)
+    return Evaluation(evaluate_oneshot(net, images, runs), images, runs, protocol_of(runs, images, split, seed, views),
+                      invert=bool(net.config.preprocess.invert))
 
 
-def evaluate(request: EvaluationRequest) -> Evaluation:
-    """Score the requested model (a baseline, a checkpoint or a registered model)."""
-    cfg = OneShotConfig(n_way=request.n_way, runs_per_alphabet=request.runs_per_alphabet)
-    if request.model in BASELINES:
-        arrays = load_split_arrays(request.data, request.split, request.endpoint_url)
-        runs = oneshot_trials(arrays, cfg, request.seed)
-        return Evaluation(score_runs(runs, pixel_nearest_neighbour(arrays.as_float())), arrays, runs)
-    from workflows.models import load_any
+def final_report(model: Any, dataset: Any, evaluation: EvaluationConfig, seed: int, split: str = "test") -> Report:
+    """A finished model's test episodes, scored once, beside the pixel baseline and the single view."""
+    from siamese_core.evaluation import evaluate_oneshot
+    from siamese_core.model import with_test_time_shift
 
-    model = load_any(request.model, request.endpoint_url, tracking_uri=request.tracking_uri,
-                     test_time_shift_px=request.test_time_shift_px, test_time_views=request.test_time_views)
-    return evaluate_model(model, request.data, request.split, request.seed, request.endpoint_url, cfg)
+    scored = evaluate_model(model, dataset, split, seed, evaluation)
+    baseline = score_runs(scored.runs, pixel_nearest_neighbour(scored.images.as_float()))
+    single = None
+    if model.config.test_time_shift_px:  # also the paper's protocol: one view per image
+        single = evaluate_oneshot(with_test_time_shift(model, 0), scored.images, scored.runs).accuracy
+    return Report(scored, baseline, single)
 
 
-def main(argv: list[str] | None = None) -> int:
+def baseline_size(dataset: Any, size: int | None) -> int:
+    """The size the pixel baseline compares at: ``size``, else the images' own when they share one, else 64."""
+    if size is not None:
+        return size
+    sizes = dataset.manifest.image_sizes
+    low, high = sizes.get("min"), sizes.get("max")
+    return int(low[0]) if low and low == high and low[0] == low[1] else 64
+
+
+def evaluate_baseline(dataset: Any, split: str, seed: int, evaluation: EvaluationConfig,
+                      size: int | None = None) -> Evaluation:
+    """The pixel nearest-neighbour baseline on a split's episodes, with the data set's preprocessing."""
+    from siamese_core.config import PreprocessConfig
+    from siamese_core.evaluation import episodes
+
+    size = baseline_size(dataset, size)
+    preprocess = PreprocessConfig().resolved(dataset.manifest.preprocessing)
+    images = dataset.load_images(split, size, preprocess)
+    runs = episodes(images, evaluation, seed, validation=split == "validation")
+    return Evaluation(score_runs(runs, pixel_nearest_neighbour(images.as_float())), images, runs,
+                      protocol_of(runs, images, split, seed, f", pixels at {size} px"), invert=bool(preprocess.invert))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="shards written by workflows.ingest (dir or s3://)")
-    parser.add_argument("--split", default="test", choices=["validation", "test"])
+    parser.add_argument("--data", required=True, help="a data set written by workflows.ingest (dir or s3://)")
+    parser.add_argument("--split", default="test", choices=["validation", "test"], help="default: %(default)s")
     parser.add_argument("--model", default="pixel-nn",
                         help="a baseline (pixel-nn), a checkpoint directory (local or s3://), "
-                             "or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...)")
-    parser.add_argument("--seed", type=int, default=0, help="fixes the one-shot trials")
-    parser.add_argument("--n-way", type=int, default=20)
-    parser.add_argument("--runs-per-alphabet", type=int, default=2)
+                             "or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...) "
+                             "(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the episodes (default: %(default)s)")
+    parser.add_argument("--n-way", type=int, default=None,
+                        help="classes per episode (default: 20, or fewer when the split's groups have fewer)")
+    parser.add_argument("--k-shot", type=int, default=1, help="support images per class (default: %(default)s)")
+    parser.add_argument("--runs-per-group", type=int, default=None,
+                        help="runs per group (default: 2 with groups, as Lake's; 20 over a split without groups)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="pixel-nn: compare pixels at this size (default: the images' own when they share one, "
+                             "else 64)")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// data")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI: where a models:/ or runs:/ --model is loaded from and "
@@ -118,45 +149,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-views", default=None, choices=TEST_TIME_VIEWS,
                         help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
                              "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
-    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT)
+    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="default: %(default)s")
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
-    args = parser.parse_args(argv)
+    return parser
 
-    request = EvaluationRequest(data=args.data, split=args.split, model=args.model, seed=args.seed,
-                                n_way=args.n_way, runs_per_alphabet=args.runs_per_alphabet,
-                                endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri,
-                                test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
-    from workflows.models import ModelLoadError
+
+def main(argv: list[str] | None = None) -> int:
+    from siamese_core.config import ConfigError
+    from workflows.models import ModelLoadError, load_any
+    from workflows.shards import DataSet, DatasetError
     from workflows.storage import StorageError
 
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        evaluation = evaluate(request)
-    except (ModelLoadError, StorageError, FileNotFoundError) as exc:
+        evaluation_cfg = EvaluationConfig(n_way=args.n_way, k_shot=args.k_shot, runs_per_group=args.runs_per_group)
+        dataset = DataSet.open(args.data, args.endpoint_url)
+        if args.model in BASELINES:
+            scored = evaluate_baseline(dataset, args.split, args.seed, evaluation_cfg, args.size)
+            baseline = None
+        else:
+            model = load_any(args.model, args.endpoint_url, tracking_uri=args.tracking_uri,
+                             test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
+            scored = evaluate_model(model, dataset, args.split, args.seed, evaluation_cfg)
+            baseline = score_runs(scored.runs, pixel_nearest_neighbour(scored.images.as_float()))
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = evaluation.result
+    except (ModelLoadError, StorageError, DatasetError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = scored.result
     elapsed = time.perf_counter() - started
-    protocol = (f"{request.n_way}-way within-alphabet, {request.runs_per_alphabet} runs/alphabet (Lake)"
-                + views_description(evaluation.test_time_shift_px, evaluation.test_time_views))
-    print(f"{request.model} on {request.split}: {result.accuracy:.2%} "
-          f"({result.correct}/{result.trials} trials, {protocol}, seed {request.seed}) in {elapsed:.1f}s")
-    for alphabet, accuracy in sorted(result.per_alphabet.items()):
-        print(f"  {alphabet:<34s} {accuracy:.2%}")
+    print(f"{args.model} on {dataset.name} {args.split}: {result.accuracy:.2%} ({result.correct}/{result.trials} "
+          f"trials, {scored.protocol}) in {elapsed:.1f}s")
+    if baseline is not None:
+        print(f"pixel nearest neighbour on the same trials: {baseline.accuracy:.2%}")
+    for group, accuracy in sorted(result.per_group.items()):
+        print(f"  {group:<34s} {accuracy:.2%}")
 
     if not args.no_mlflow:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        with tracking.mlflow_run(uri, args.experiment, run_name=f"evaluate-{request.model}-{request.split}",
-                                 tags={"job": "evaluate", "model": request.model}) as run:
+        with tracking.mlflow_run(uri, args.experiment, run_name=f"evaluate-{dataset.name}-{args.model}-{args.split}",
+                                 tags={"job": "evaluate", "model": args.model, "data": dataset.name}) as run:
             import mlflow
 
-            mlflow.log_params({"model": request.model, "split": request.split, "seed": request.seed,
-                               "n_way": request.n_way, "runs_per_alphabet": request.runs_per_alphabet,
-                               "protocol": protocol, "data": request.data,
-                               "test_time_shift_px": evaluation.test_time_shift_px,
-                               "test_time_views": evaluation.test_time_views})
-            tracking.log_oneshot(result, request.split)
-            tracking.log_oneshot_figures(evaluation, request.split)
+            mlflow.log_params({"model": args.model, "split": args.split, "seed": args.seed, "protocol": scored.protocol,
+                               "data": args.data, "n_way": scored.runs[0].n_way, "k_shot": args.k_shot})
+            tracking.log_dataset(dataset, context="evaluation")
+            tracking.log_oneshot(result, args.split)
+            if baseline is not None:
+                mlflow.log_metric(f"{args.split}_pixel_nn_accuracy", baseline.accuracy)
+            tracking.log_oneshot_figures(scored, args.split)
         print(f"Recorded in MLflow run {run.info.run_id} at {uri}")
         print(f"Review it: {tracking.ui_hint(uri)}")
     return 0

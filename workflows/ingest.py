@@ -1,230 +1,303 @@
-"""``python -m workflows.ingest``: raw Omniglot -> Parquet shards + manifest, with Ray Data.
+"""``python -m workflows.ingest``: any labelled image collection -> Parquet shards + manifest, in Ray tasks.
 
-Source (``--source``): a local folder holding ``images_background.zip`` and
-``images_evaluation.zip`` (or the extracted folders), one zip file, or an
-http(s) base URL serving both archives (default for the official repository:
-``--source official``). Downloads are verified against published checksums
-(override them with ``--checksum NAME=ALGO:HEX`` or ``--checksums-file`` for a
-mirror) and cached locally.
+Sources (``--source``; see ``workflows/sources.py``):
 
-Destination (``--dest``): a local directory or ``s3://bucket/prefix`` on any
-S3-compatible store (credentials from the standard AWS environment variables,
-endpoint from ``--endpoint-url`` or ``AWS_ENDPOINT_URL``). Layout::
+* a folder per class, ``ROOT/CLASS/*`` (no flag needed); a folder per group
+  above it with ``--groups``; or pre-split ``ROOT/train/``, ``ROOT/val/``,
+  ``ROOT/test/``;
+* a table (``.csv``, ``.tsv`` or ``.parquet``, local or ``s3://``) of image path
+  and label, e.g. Kaggle's whale ``train.csv``; ``--image-column``,
+  ``--label-column`` and optional ``--group-column``, ``--source-column``,
+  ``--split-column``; images under ``--images-root`` (a folder or ``s3://``
+  prefix; default: the table's folder); ``--unknown-label new_whale`` keeps
+  such rows but never makes them a class;
+* Omniglot: a folder with the two official archives, one archive, or
+  ``official`` (downloaded, checksums verified, cached), with Lake's splits.
 
-    DEST/train/<run>_<write>_<task>.parquet        one shard per alphabet
+Any image format Pillow reads, any size and colour mode; the format is found
+from the content, never the file name. Every image is read, fully decoded and
+checksummed in Ray tasks, one task per shard, each writing its own shard, so
+memory holds one shard per task whatever the size of the collection.
+
+Bad input (an unreadable, truncated or empty image; a row naming a missing file
+or without a label; an image listed twice; a label that cannot be a file name):
+by default ingest stops with an error that names each bad file or row (up to
+``--max-problems``), writes no manifest and leaves the destination as it was.
+``--skip-bad`` leaves them out instead, lists them in the manifest and says how
+many. Nothing is dropped silently.
+
+Splits: a split column or pre-split folders are used as given (a missing
+validation or test split is carved out of the other held-out one, by class);
+otherwise a seeded split by class, or by group where there are enough groups.
+No class is ever in two splits.
+
+Destination (``--dest``): a local directory or ``s3://bucket/prefix``::
+
+    DEST/train/<run>-00000.parquet        whole groups, or whole classes, per shard
     DEST/validation/...
     DEST/test/...
-    DEST/manifest.json                              written last
+    DEST/manifest.json                     written last
 
-Rows: image_id (stable relative path), alphabet, character (global id,
-1..1623), character_name, drawer (1..20), split (train/validation/test) and
-image (PNG bytes, unchanged). Every shard holds whole alphabets, so whole
-characters: the pair stage finds "same" partners without a global shuffle.
-
-Every image is decoded (in Ray tasks) before anything is written, the counts
-must match the official release exactly (``--allow-subset`` relaxes that for
-partial sources), and the written shards are read back and checksummed before
-the manifest is written. Re-running with the same content finds the manifest
-and does nothing. Any failure leaves no manifest and removes the shards this
-run wrote (never other files).
+Re-running on the same input finds the manifest and does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import time
 import uuid
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 
-from siamese_core.omniglot import (EXPECTED_COUNTS, IMAGE_SIZE, SPLITS, CorruptImageError,
-                                   OmniglotSourceError, RawImage, decode_png, iter_raw_images,
-                                   source_parts)
-from workflows import download, shards, storage
-from workflows.shards import (COLUMNS, FORMAT, FORMAT_VERSION, MANIFEST_NAME, SCHEMA, DatasetError,
-                              Manifest, content_checksum_of)
+from workflows import download, storage
+from workflows.shards import (MANIFEST_NAME, SPLITS, DataSet, DatasetError, Manifest, content_checksum_of,
+                              read_manifest_at, schema)
+from workflows.sources import Entry, Listing, Problem, SourceError, omniglot_problems, open_source
 from workflows.storage import Location, StorageError
 
-DEFAULT_DEST = "./data/omniglot-shards"
-DRAWERS = 20
-_LAST_BACKGROUND_ID = EXPECTED_COUNTS["images_background"]["characters"]  # ids 1..964
-_LAST_EVALUATION_ID = _LAST_BACKGROUND_ID + EXPECTED_COUNTS["images_evaluation"]["characters"]  # ..1623
+DEFAULT_DEST = "./data/shards"
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+MIN_HELD_OUT_CLASSES = 20
+"""A seeded split gives validation and test at least this many classes (or a fifth each), for 20-way trials."""
+MIN_GROUPS_TO_SPLIT_BY_GROUP = 5
 
 
 class IngestError(RuntimeError):
     """Ingest cannot proceed; the message names the file or URI and what to fix."""
 
 
-@dataclass
-class SourceData:
-    """Everything read from the raw source, grouped by alphabet (one future shard each)."""
-
-    description: dict
-    by_alphabet: dict[str, list[RawImage]]
-    digests: dict[str, str]  # image_id -> sha256 hex of PNG bytes
-    content_checksum: str
-    split_of_alphabet: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def n_images(self) -> int:
-        return len(self.digests)
+@dataclass(frozen=True)
+class IngestResult:
+    manifest: Manifest
+    skipped: bool  # True: the destination already held this input; nothing was written
 
 
-# --------------------------------------------------------------------------- source
+# --------------------------------------------------------------------------- splits
 
 
-def resolve_source(source: str, cache_dir: Path | None, checksums: Mapping[str, str],
-                   log: Callable[[str], None]) -> tuple[Path, dict]:
-    """``--source`` -> a local path to read, plus a description for the manifest."""
-    if source == "official":
-        source = download.OFFICIAL_BASE_URL
-    if download.is_url(source):
-        try:
-            folder = download.fetch_archives(source, cache_dir, checksums, log=log)
-        except download.DownloadError as exc:
-            raise IngestError(str(exc)) from exc
-        return folder, {"kind": "url", "uri": source.rstrip("/")}
-    path = Path(source).expanduser().resolve()
-    return path, {"kind": "local", "uri": str(path)}
+def _held_out(n: int, fraction: float, explicit: bool) -> int:
+    if explicit:
+        return int(round(fraction * n))
+    return max(int(round(fraction * n)), min(MIN_HELD_OUT_CLASSES, n // 5))
 
 
-def read_source(path: Path, description: dict, log: Callable[[str], None]) -> SourceData:
-    try:
-        parts = source_parts(path)
-    except OmniglotSourceError as exc:
-        raise IngestError(str(exc)) from exc
-    archives = {}
-    for kind, part in parts:
-        if kind == "zip":
-            archives[part.name] = "sha256:" + download.file_digest(part, "sha256")
-    description = {**description, "parts": [p.name for _, p in parts]}
-    if archives:
-        description["archives"] = archives
-    by_alphabet: dict[str, list[RawImage]] = defaultdict(list)
-    digests: dict[str, str] = {}
-    t0 = time.time()
-    try:
-        for raw in iter_raw_images(path):
-            if raw.path in digests:
-                raise IngestError(f"duplicate image {raw.path} in {path}")
-            digests[raw.path] = hashlib.sha256(raw.png).hexdigest()
-            by_alphabet[raw.alphabet].append(raw)
-            if len(digests) % 5000 == 0:
-                log(f"[ingest] read {len(digests)} images ...")
-    except OmniglotSourceError as exc:
-        raise IngestError(str(exc)) from exc
-    if not digests:
-        raise IngestError(f"no Omniglot images found in {path}")
-    log(f"[ingest] read {len(digests)} images of {len(by_alphabet)} alphabets from {path} "
-        f"in {time.time() - t0:.1f}s")
-    data = SourceData(description=description, by_alphabet=dict(by_alphabet), digests=digests,
-                      content_checksum=content_checksum_of(digests.items()))
-    for alphabet, rows in data.by_alphabet.items():
-        splits = {r.split for r in rows}
-        if len(splits) != 1:
-            raise IngestError(f"alphabet {alphabet} appears in both archives of {path}")
-        data.split_of_alphabet[alphabet] = splits.pop()
-    return data
+def _split_names(names: list[str], fractions: tuple[float, float, float], seed: int, explicit: bool,
+                 only: tuple[str, ...] = SPLITS) -> dict[str, str]:
+    """A seeded assignment of names (classes or groups) to the splits in ``only``."""
+    order = np.random.default_rng([seed, 0x5011]).permutation(len(names))
+    shuffled = [names[i] for i in order]
+    if only == ("validation", "test"):
+        cut = len(shuffled) // 2
+        return {n: ("validation" if i < cut else "test") for i, n in enumerate(shuffled)}
+    n_val = _held_out(len(names), fractions[1], explicit)
+    n_test = _held_out(len(names), fractions[2], explicit)
+    if n_val + n_test >= len(names):
+        raise IngestError(f"{len(names)} classes (or groups) cannot be split into train, validation and test; "
+                          "give more classes, or split them yourself (pre-split folders or a split column)")
+    out = {}
+    for i, name in enumerate(shuffled):
+        out[name] = "validation" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
 
 
-def check_counts(data: SourceData, where: str, allow_subset: bool) -> dict:
-    """Structural checks (always) and exact official counts (unless allow_subset)."""
-    per_archive: dict[str, dict[str, set]] = defaultdict(lambda: {"images": set(), "characters": set(),
-                                                                  "alphabets": set()})
-    drawers: dict[int, set[int]] = defaultdict(set)
-    names: dict[int, tuple[str, str]] = {}
-    for alphabet, rows in data.by_alphabet.items():
-        for r in rows:
-            archive = "images_background" if r.background else "images_evaluation"
-            per_archive[archive]["images"].add(r.path)
-            per_archive[archive]["characters"].add(r.character)
-            per_archive[archive]["alphabets"].add(alphabet)
-            key = (r.alphabet, r.character_name)
-            if names.setdefault(r.character, key) != key:
-                raise IngestError(f"{where}: character id {r.character} is used by both "
-                                  f"{'/'.join(names[r.character])} and {'/'.join(key)} ({r.path})")
-            if r.drawer in drawers[r.character]:
-                raise IngestError(f"{where}: drawer {r.drawer} twice for character {r.character} ({r.path})")
-            if not 1 <= r.drawer <= DRAWERS:
-                raise IngestError(f"{where}: drawer {r.drawer} out of range 1..{DRAWERS} ({r.path})")
-            drawers[r.character].add(r.drawer)
-    counts = {a: {k: len(v) for k, v in c.items()} for a, c in per_archive.items()}
-    if not allow_subset:
-        missing_files = []
-        for character, seen in sorted(drawers.items()):
-            alphabet, character_name = names[character]
-            archive = "images_background" if character <= _LAST_BACKGROUND_ID else "images_evaluation"
-            missing_files += [f"{archive}/{alphabet}/{character_name}/{character:04d}_{d:02d}.png"
-                              for d in range(1, DRAWERS + 1) if d not in seen]
-        if missing_files:
-            more = f" and {len(missing_files) - 5} more" if len(missing_files) > 5 else ""
-            raise IngestError(f"{where}: missing image(s) {', '.join(missing_files[:5])}{more} "
-                              "(pass --allow-subset for a partial source)")
-        missing_ids = sorted(set(range(1, _LAST_EVALUATION_ID + 1)) - set(drawers))
-        if missing_ids:
-            raise IngestError(f"{where}: {len(missing_ids)} character(s) missing entirely, e.g. id "
-                              f"{missing_ids[0]:04d} (pass --allow-subset for a partial source)")
-        for archive, expected in EXPECTED_COUNTS.items():
-            got = counts.get(archive, {"images": 0, "characters": 0, "alphabets": 0})
-            if got != expected:
-                raise IngestError(f"{where}: {archive} has {got['images']} images / {got['characters']} "
-                                  f"characters / {got['alphabets']} alphabets, expected {expected['images']} / "
-                                  f"{expected['characters']} / {expected['alphabets']} (pass --allow-subset "
-                                  "for a partial source)")
-    return counts
+def assign_splits(listing: Listing, fractions: tuple[float, float, float], seed: int,
+                  explicit: bool) -> tuple[list[Entry], dict, list[Problem]]:
+    """Every entry with a split, the rule used (for the manifest), and problems (a class in two splits)."""
+    entries = listing.entries
+    unknown = listing.unknown_label
+    known = [e for e in entries if e.label != unknown]
+    given = {e.split for e in known}
+    problems: list[Problem] = []
+    if given and None not in given:
+        splits_of = defaultdict(set)
+        for e in known:
+            splits_of[e.label].add(e.split)
+        for label, splits in sorted(splits_of.items()):
+            if len(splits) > 1:
+                problems.append(Problem(f"class {label!r}", f"is in more than one split ({', '.join(sorted(splits))});"
+                                                           " a class must be in one split only"))
+        missing = [s for s in ("validation", "test") if s not in given]
+        rule: dict[str, Any] = {"rule": "given"}
+        if "train" not in given:
+            raise IngestError(f"{listing.description.get('uri')}: the given splits ({sorted(given)}) have no train "
+                              "split")
+        if missing:
+            donor = "validation" if "validation" in given else "train"
+            donor_classes = sorted({e.label for e in known if e.split == donor})
+            carve = _split_names(donor_classes, fractions, seed, explicit,
+                                 only=("validation", "test") if donor == "validation" else SPLITS)
+            entries = [e if e.split != donor or e.label == unknown else
+                       Entry(**{**e.__dict__, "split": carve[e.label]}) for e in entries]
+            rule = {"rule": "given", "carved": {s: f"seeded by class from {donor}" for s in missing}, "seed": seed}
+    elif given == {None}:
+        by_group = listing.has_group and len({e.group for e in known}) >= MIN_GROUPS_TO_SPLIT_BY_GROUP
+        key = (lambda e: e.group) if by_group else (lambda e: e.label)
+        names = sorted({key(e) for e in known})
+        split_of = _split_names(names, fractions, seed, explicit)
+        entries = [e if e.label == unknown else Entry(**{**e.__dict__, "split": split_of[key(e)]}) for e in entries]
+        rule = {"rule": f"seeded by {'group' if by_group else 'class'}", "fractions": list(fractions),
+                "seed": seed}
+    else:
+        raise IngestError("some rows have a split and some do not; give every row a split, or none")
+    # Unknown individuals (new_whale) are never trained on; without a split of their own they go to the
+    # held-out splits, half each, to be recognised as new there.
+    rng = np.random.default_rng([seed, 0x0E1E])
+    entries = [e if e.label != unknown or e.split is not None else
+               Entry(**{**e.__dict__, "split": "validation" if rng.random() < 0.5 else "test"}) for e in entries]
+    return entries, rule, problems
 
 
-# --------------------------------------------------------------------------- tables
+# --------------------------------------------------------------------------- shards
 
 
-def alphabet_table(rows: list[RawImage]) -> pa.Table:
-    """One alphabet's rows, sorted by character then drawer."""
-    rows = sorted(rows, key=lambda r: (r.character, r.drawer))
-    return pa.table({
-        "image_id": pa.array([r.path for r in rows], pa.string()),
-        "alphabet": pa.array([r.alphabet for r in rows], pa.string()),
-        "character": pa.array([r.character for r in rows], pa.int32()),
-        "character_name": pa.array([r.character_name for r in rows], pa.string()),
-        "drawer": pa.array([r.drawer for r in rows], pa.int8()),
-        "split": pa.array([r.split for r in rows], pa.string()),
-        "image": pa.array([r.png for r in rows], pa.binary()),
-    }, schema=SCHEMA)
+def plan_shards(entries: list[Entry], listing: Listing, shard_mb: float, seed: int) -> list[tuple[str, list[Entry]]]:
+    """``(split, entries)`` per shard: one group per shard, or whole groups/classes up to ``shard_mb``.
 
-
-def validate_table(table: pa.Table) -> list[str]:
-    """Problems with the table's images (decode failures, wrong size); empty when all are fine."""
-    problems = []
-    ids = table.column("image_id").to_pylist()
-    for image_id, png in zip(ids, table.column("image").to_pylist()):
-        try:
-            pixels = decode_png(png, path=image_id)
-        except CorruptImageError as exc:
-            problems.append(str(exc))
+    Within a shard, rows are sorted by (group, label, source, image id). Groups go in sorted
+    order; classes without groups in a seeded random order, so each shard holds a random
+    subset of the classes (the pair stage draws "different" partners within a shard).
+    """
+    limit = max(1, int(shard_mb * 2**20))
+    plan: list[tuple[str, list[Entry]]] = []
+    for split in SPLITS:
+        rows = [e for e in entries if e.split == split]
+        if not rows:
             continue
-        if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
-            problems.append(f"image {image_id} is {pixels.shape[1]}x{pixels.shape[0]}, "
-                            f"expected {IMAGE_SIZE}x{IMAGE_SIZE}")
-    return problems
+        units: dict[str, list[Entry]] = defaultdict(list)
+        for e in rows:
+            units[e.group if listing.has_group else e.label].append(e)
+        names = sorted(units)
+        if not listing.has_group:
+            names = [names[i] for i in np.random.default_rng([seed, 0x5A4D]).permutation(len(names))]
+        current: list[Entry] = []
+        size = 0
+        for name in names:
+            unit = units[name]
+            unit_size = sum(max(0, e.size) for e in unit)
+            if current and (listing.one_shard_per_group or size + unit_size > limit):
+                plan.append((split, current))
+                current, size = [], 0
+            current += unit
+            size += unit_size
+        if current:
+            plan.append((split, current))
+    return [(split, sorted(rows, key=lambda e: (e.group or "", e.label, e.source or "", e.image_id)))
+            for split, rows in plan]
 
 
-def validate_on_ray(refs: dict[str, "object"], source: str, log: Callable[[str], None]) -> None:
-    """Decode every image in Ray tasks (one per alphabet); raise naming the bad files."""
+def listing_checksum(entries: Sequence[Entry], options: Mapping[str, Any]) -> str:
+    """What identifies this input without reading it: ids, labels, splits, sizes, versions, and the options."""
+    h = hashlib.sha256(json.dumps(dict(options), sort_keys=True, default=str).encode())
+    for e in sorted(entries, key=lambda e: e.image_id):
+        h.update(f"{e.image_id}\t{e.label}\t{e.group}\t{e.source}\t{e.split}\t{e.size}\t{e.version}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def write_shard(reader: Any, entries: list[Entry], fs: Any, path: str, table_schema: pa.Schema,
+                with_stats: bool, keep_good: bool) -> dict[str, Any]:
+    """A Ray task: read, fully decode and checksum a shard's images, then write the good ones.
+
+    Returns the shard's summary (its rows, classes, groups, digests, image modes and sizes,
+    pixel statistics for the training split) and its problems. With problems and not
+    ``keep_good``, nothing is written: the run fails anyway.
+    """
+    import pyarrow.parquet as pq
+
+    from siamese_core.images import CorruptImageError, is_gray, open_image, pixel_statistics
+
+    good: list[tuple[Entry, bytes]] = []
+    problems: list[Problem] = []
+    digests: list[tuple[str, str]] = []
+    gray = color = 0
+    sizes: list[tuple[int, int]] = []
+    stats: dict[str, np.ndarray] = {}
+    for entry in entries:
+        try:
+            data = reader.read(entry.where)
+        except FileNotFoundError:
+            problems.append(Problem(entry.image_id, "names a missing file"))
+            continue
+        except OSError as exc:
+            problems.append(Problem(entry.image_id, f"cannot be read ({exc})"))
+            continue
+        try:
+            img = open_image(data, entry.image_id)
+            if min(img.size) < 1:
+                raise CorruptImageError(f"image {entry.image_id} has no pixels")
+        except CorruptImageError as exc:
+            problems.append(Problem(entry.image_id, str(exc).replace(f" {entry.image_id}", "")))
+            continue
+        if is_gray(img):
+            gray += 1
+        else:
+            color += 1
+        sizes.append(img.size)
+        if with_stats:
+            for name, value in pixel_statistics(img).items():
+                stats[name] = stats[name] + value if name in stats else value
+        good.append((entry, data))
+        digests.append((entry.image_id, hashlib.sha256(data).hexdigest()))
+    summary: dict[str, Any] = {"path": path, "rows": 0, "problems": problems, "digests": digests,
+                               "labels": sorted({e.label for e, _ in good}),
+                               "groups": sorted({e.group for e, _ in good if e.group is not None}),
+                               "sources": sorted({e.source for e, _ in good if e.source is not None}),
+                               "gray": gray, "color": color, "sizes": sizes, "stats": stats}
+    if not good or (problems and not keep_good):
+        return summary
+    columns: dict[str, list] = {"image_id": [e.image_id for e, _ in good], "image": [d for _, d in good],
+                                "label": [e.label for e, _ in good], "split": [e.split for e, _ in good]}
+    if "group" in table_schema.names:
+        columns["group"] = [e.group for e, _ in good]
+    if "source" in table_schema.names:
+        columns["source"] = [e.source for e, _ in good]
+    for f in table_schema:
+        if f.name not in columns:
+            columns[f.name] = [dict(e.extra).get(f.name) for e, _ in good]
+    table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in table_schema}, schema=table_schema)
+    pq.write_table(table, path, filesystem=fs, compression="snappy")
+    written = pq.read_metadata(path, filesystem=fs).num_rows
+    if written != table.num_rows:
+        raise OSError(f"{path}: wrote {table.num_rows} rows but {written} read back")
+    summary["rows"] = written
+    return summary
+
+
+def run_shard_tasks(reader: Any, plan: list[tuple[str, list[Entry]]], loc: Location, token: str,
+                    table_schema: pa.Schema, keep_good: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One Ray task per planned shard, in parallel, with a progress line; their summaries in plan order."""
     import ray
 
-    remote = ray.remote(num_cpus=1, max_retries=0)(validate_table)
-    t0 = time.time()
-    futures = {alphabet: remote.remote(ref) for alphabet, ref in refs.items()}
-    problems = [p for alphabet in sorted(futures) for p in ray.get(futures[alphabet])]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise IngestError(f"{len(problems)} bad image(s) in {source}: " + "; ".join(problems[:5]) + more)
-    log(f"[ingest] decoded and checked every image in {time.time() - t0:.1f}s")
+    from workflows.progress import Progress
+
+    task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=[OSError])(write_shard)
+    fs = storage.patient(loc.fs)
+    if loc.fs.type_name != "s3":
+        for split in {s for s, _ in plan}:
+            loc.fs.create_dir(loc.join(split), recursive=True)
+    futures = {task.remote(reader, rows, fs, loc.join(split, f"{token}-{i:05d}.parquet"), table_schema,
+                           split == "train", keep_good): i for i, (split, rows) in enumerate(plan)}
+    total = sum(len(rows) for _, rows in plan)
+    progress = Progress("ingest: images read and checked", total, stream=sys.stderr)
+    results: dict[int, dict[str, Any]] = {}
+    bad = 0
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
+        for ref in ready:
+            summary = ray.get(ref)
+            results[futures[ref]] = summary
+            bad += len(summary["problems"])
+            progress.advance(len(plan[futures[ref]][1]), note=f"{bad} bad" if bad else "")
+    progress.close()
+    return [results[i] for i in range(len(plan))]
 
 
 # --------------------------------------------------------------------------- destination
@@ -239,31 +312,29 @@ def _existing_shard_files(loc: Location) -> list[str]:
 
 @dataclass(frozen=True)
 class DestinationState:
-    """What ``--dest`` already holds: a manifest for this content, or a problem to clear."""
+    """What ``--dest`` already holds: a manifest for this input, or a problem to clear."""
 
-    current: Manifest | None  # the manifest already describes this content: nothing to do
-    problem: str | None  # another/damaged dataset or stray shards: needs --overwrite
+    current: Manifest | None  # the manifest already describes this input: nothing to do
+    problem: str | None  # another/damaged data set or stray shards: needs --overwrite
     stale_files: tuple[str, ...] = ()
 
 
-def inspect_destination(loc: Location, data: SourceData) -> DestinationState:
+def inspect_destination(loc: Location, checksum: str) -> DestinationState:
     """Look at ``--dest`` without changing it."""
-    manifest_path = loc.join(MANIFEST_NAME)
     old: Manifest | None = None
     problem = None
-    if storage.exists(loc.fs, manifest_path):
+    if storage.exists(loc.fs, loc.join(MANIFEST_NAME)):
         try:
-            old = shards.read_manifest_at(loc)
+            old = read_manifest_at(loc)
         except DatasetError as exc:
             problem = str(exc)
-    if old is not None and old.content_checksum == data.content_checksum:
+    if old is not None and old.listing_checksum == checksum:
         missing = [s.path for s in old.shards if not storage.exists(loc.fs, loc.join(s.path))]
         if not missing:
             return DestinationState(current=old, problem=None)
         problem = f"{loc.uri} has a manifest but its shard {missing[0]} is missing"
     elif old is not None:
-        problem = (f"{loc.uri} already holds a different dataset (content {old.content_checksum}, "
-                   f"source has {data.content_checksum})")
+        problem = f"{loc.uri} already holds another data set ({old.name}, {old.counts.get('images')} images)"
     leftovers = tuple(_existing_shard_files(loc))
     if problem is None and leftovers:
         problem = (f"{loc.uri} has no manifest but already contains shard files such as "
@@ -271,212 +342,269 @@ def inspect_destination(loc: Location, data: SourceData) -> DestinationState:
     return DestinationState(current=None, problem=problem, stale_files=leftovers)
 
 
-def clear_destination(loc: Location, state: DestinationState, log: Callable[[str], None]) -> None:
-    """For --overwrite: remove the old manifest first, then the old shards (only *.parquet
-    files under the split folders; nothing else is touched)."""
-    log(f"[ingest] --overwrite: {state.problem}; removing the old manifest and "
-        f"{len(state.stale_files)} shard file(s)")
-    storage.delete_files(loc.fs, [loc.join(MANIFEST_NAME)])
-    storage.delete_files(loc.fs, list(state.stale_files))
+def _run_files(loc: Location, token: str) -> list[str]:
+    return [f for f in _existing_shard_files(loc) if f.rsplit("/", 1)[-1].startswith(f"{token}-")]
 
 
-def _quiet_ray_data() -> None:
-    """Our own progress lines are enough; keep Ray Data's per-operator logs at WARNING."""
-    import logging
+def _restore(loc: Location, token: str | None, created_dirs: list[str], log: Callable[[str], None]) -> None:
+    """Remove what this run wrote (its shards, the folders it created); never hides the original error."""
+    try:
+        written = _run_files(loc, token) if token else []
+        if written:
+            log(f"[ingest] removing the {len(written)} shard file(s) this run wrote")
+        storage.delete_files(loc.fs, written)
+        for path in reversed(created_dirs):
+            try:
+                if not storage.list_files(loc.fs, path):
+                    loc.fs.delete_dir(path)
+            except OSError:
+                pass
+    except Exception as exc:  # e.g. the endpoint went away mid-write
+        log(f"[ingest] could not remove this run's shards ({token}-*) under {loc.uri}: {exc}")
 
-    import ray.data  # noqa: F401  (importing it configures its loggers; adjust afterwards)
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def _run_filenames(token: str):
-    """Shard names carry this run's token, so a failed run deletes only its own files."""
-    from ray.data.datasource import FilenameProvider
-
-    return FilenameProvider(dataset_uuid=token, file_format="parquet")
+# --------------------------------------------------------------------------- manifest
 
 
-def write_shards(loc: Location, refs_by_split: dict[str, list], token: str,
-                 log: Callable[[str], None]) -> None:
-    import ray.data
+def preprocessing_defaults(listing: Listing, summaries: list[dict[str, Any]], invert: bool | None) -> dict:
+    """The data set's preprocessing defaults: given by the adapter (Omniglot), or read off the images."""
+    if listing.preprocessing:
+        return dict(listing.preprocessing)
+    gray = sum(s["gray"] for s in summaries)
+    color = sum(s["color"] for s in summaries)
+    square = all(w == h for s in summaries for w, h in s["sizes"])
+    totals: dict[str, np.ndarray] = {}
+    for s in summaries:
+        for name, value in s["stats"].items():
+            totals[name] = totals[name] + value if name in totals else value
+    mean, std = {}, {}
+    for name, (count, total, squares) in ((n, tuple(v)) for n, v in totals.items()):
+        m = total / np.maximum(count, 1)
+        mean[name] = [round(float(x), 6) for x in m]
+        std[name] = [round(float(max(x, 1e-3)), 6) for x in np.sqrt(np.maximum(squares / np.maximum(count, 1) - m * m,
+                                                                               0))]
+    return {"color": "gray" if color == 0 and gray > 0 else "rgb", "fit": "stretch" if square else "pad",
+            "invert": bool(invert) if invert is not None else False, "mean": mean, "std": std}
 
-    for split in SPLITS:
-        refs = refs_by_split.get(split)
-        if not refs:
+
+def build_manifest(listing: Listing, plan: list[tuple[str, list[Entry]]], summaries: list[dict[str, Any]],
+                   loc: Location, listing_sum: str, split_rule: dict, rejected: list[Problem],
+                   invert: bool | None) -> Manifest:
+    shards, digests = [], []
+    per_split: dict[str, dict[str, set]] = {s: {"images": set(), "classes": set(), "groups": set(), "sources": set()}
+                                            for s in SPLITS}
+    unknown = listing.unknown_label
+    for (split, _), summary in zip(plan, summaries):
+        digests += summary["digests"]
+        if summary["rows"] == 0:
             continue
-        t0 = time.time()
-        ds = ray.data.from_arrow_refs(refs)
-        ds.write_parquet(loc.join(split), filesystem=loc.fs, filename_provider=_run_filenames(token),
-                         compression="snappy")
-        log(f"[ingest] wrote {split}: {len(refs)} alphabet shard(s) in {time.time() - t0:.1f}s")
-
-
-def run_files(loc: Location, token: str) -> list[str]:
-    return [f for f in _existing_shard_files(loc) if f.rsplit("/", 1)[-1].startswith(f"{token}_")]
-
-
-def build_manifest(loc: Location, data: SourceData, files: list[str], counts: dict,
-                   allow_subset: bool) -> Manifest:
-    """Read back the written shards: row counts, whole characters, content checksum."""
-    import pyarrow.parquet as pq
-
-    shard_entries = []
-    owner: dict[int, str] = {}
-    digests: dict[str, str] = {}
-    split_stats: dict[str, dict[str, set]] = {s: {"images": set(), "characters": set(), "alphabets": set()}
-                                              for s in SPLITS}
-    for path in files:
-        rel = path[len(loc.path) + 1:]
-        table = pq.read_table(path, filesystem=loc.fs, columns=list(COLUMNS))
-        split = rel.split("/", 1)[0]
-        if table.schema.remove_metadata() != SCHEMA:
-            raise IngestError(f"{loc.uri_of(rel)}: unexpected schema {table.schema}")
-        if set(table.column("split").to_pylist()) != {split}:
-            raise IngestError(f"{loc.uri_of(rel)}: rows of another split in the {split} folder")
-        characters = set(table.column("character").to_pylist())
-        for c in characters:
-            if c in owner:
-                raise IngestError(f"character {c} is split across shards {owner[c]} and {rel}")
-            owner[c] = rel
-        alphabets = sorted(set(table.column("alphabet").to_pylist()))
-        for image_id, png in zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()):
-            digests[image_id] = hashlib.sha256(png).hexdigest()
-        stats = split_stats[split]
-        stats["images"].update(table.column("image_id").to_pylist())
-        stats["characters"].update(characters)
-        stats["alphabets"].update(alphabets)
-        shard_entries.append({"path": rel, "split": split, "rows": table.num_rows,
-                              "characters": len(characters), "alphabets": alphabets})
-    if digests != data.digests:
-        missing = sorted(set(data.digests) - set(digests))
-        raise IngestError(f"shards written to {loc.uri} do not match the source "
-                          f"({len(digests)} rows read back, {len(data.digests)} expected"
-                          f"{f', e.g. {missing[0]} missing' if missing else ''})")
-    checksum = content_checksum_of(digests.items())
-    splits = {s: {"images": len(v["images"]), "characters": len(v["characters"]),
-                  "alphabets": len(v["alphabets"]), "alphabet_names": sorted(v["alphabets"])}
-              for s, v in split_stats.items()}
+        classes = [label for label in summary["labels"] if label != unknown]
+        shards.append({"path": summary["path"][len(loc.path) + 1:], "split": split, "rows": summary["rows"],
+                       "classes": len(classes), "groups": summary["groups"]})
+        stats = per_split[split]
+        stats["images"].update(i for i, _ in summary["digests"])
+        stats["classes"].update(classes)
+        stats["groups"].update(summary["groups"])
+        stats["sources"].update(summary["sources"])
+    splits = {s: {"images": len(v["images"]), "classes": len(v["classes"]), "groups": len(v["groups"]),
+                  **({"group_names": sorted(v["groups"])} if listing.has_group else {}),
+                  **({"source_names": sorted(v["sources"])} if listing.has_source and len(v["sources"]) <= 1000
+                     else {})}
+              for s, v in per_split.items()}
+    sizes = [wh for s in summaries for wh in s["sizes"]]
+    widths, heights = (np.asarray([w for w, _ in sizes]), np.asarray([h for _, h in sizes])) if sizes else ([0], [0])
+    rows_by_label = Counter(e.label for _, rows in plan for e in rows)
     return Manifest(
-        format=FORMAT, format_version=FORMAT_VERSION,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        source=data.description, content_checksum=checksum,
-        counts={"images": len(digests), "characters": len(owner),
-                "alphabets": sum(s["alphabets"] for s in splits.values()), "archives": counts},
-        splits=splits, shards=sorted(shard_entries, key=lambda s: s["path"]),
-        columns=list(COLUMNS), subset=allow_subset,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), name=listing.name,
+        source=listing.description, content_checksum=content_checksum_of(digests), listing_checksum=listing_sum,
+        counts={"images": len(digests), "classes": sum(v["classes"] for v in splits.values()),
+                "groups": sum(v["groups"] for v in splits.values()),
+                "single_image_classes": sum(1 for label, n in rows_by_label.items() if n == 1 and label != unknown),
+                **({"unknown_label_images": rows_by_label.get(unknown, 0)} if unknown else {}),
+                **({"ignored": dict(listing.ignored)} if listing.ignored else {})},
+        splits=splits, shards=sorted(shards, key=lambda s: s["path"]),
+        columns={"group": listing.has_group, "source": listing.has_source,
+                 "extra": [f.name for f in listing.extra_fields]},
+        preprocessing=preprocessing_defaults(listing, summaries, invert),
+        image_sizes={"min": [int(np.min(widths)), int(np.min(heights))],
+                     "max": [int(np.max(widths)), int(np.max(heights))],
+                     "median": [int(np.median(widths)), int(np.median(heights))]},
+        split_rule=split_rule, rejected=[{"item": p.item, "reason": p.reason} for p in rejected],
+        unknown_label=unknown,
     )
 
 
-def _remove_run_files(loc: Location, token: str, log: Callable[[str], None]) -> None:
-    """Best-effort removal of this run's shards; never hides the original error."""
-    try:
-        written = run_files(loc, token)
-        log(f"[ingest] failed; removing the {len(written)} shard file(s) this run wrote")
-        storage.delete_files(loc.fs, written)
-    except Exception as exc:  # e.g. the endpoint went away mid-write
-        log(f"[ingest] could not remove this run's shards ({token}_*) under {loc.uri}: {exc}")
+# --------------------------------------------------------------------------- entry point
 
 
-# --------------------------------------------------------------------------- entry points
+def _problem_error(problems: list[Problem], where: str, limit: int) -> IngestError:
+    shown = "\n  ".join(str(p) for p in problems[:limit])
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return IngestError(f"{len(problems)} bad file(s) or row(s) in {where}; nothing was written:\n  {shown}{more}\n"
+                       "Fix or remove them, or pass --skip-bad to leave them out (they are then listed in the "
+                       "manifest).")
 
 
-@dataclass(frozen=True)
-class IngestResult:
-    manifest: Manifest
-    skipped: bool  # True: the destination already held this content; nothing was written
-
-
-def ingest(source: str, dest: str = DEFAULT_DEST, endpoint_url: str | None = None,
-           overwrite: bool = False, allow_subset: bool = False, cache_dir: Path | None = None,
-           checksums: Mapping[str, str] | None = None,
+def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = None, overwrite: bool = False,
+           skip_bad: bool = False, allow_subset: bool = False, cache_dir: Path | None = None,
+           checksums: Mapping[str, str] | None = None, kind: str = "auto", groups: bool = False,
+           table_options: Mapping[str, Any] | None = None, fractions: tuple[float, float, float] | None = None,
+           split_seed: int = 0, shard_mb: float = 64.0, invert: bool | None = None, max_problems: int = 20,
            log: Callable[[str], None] = print) -> IngestResult:
-    """Library entry point of the CLI; raises IngestError / StorageError on failure."""
+    """Library entry point of the CLI; raises IngestError / StorageError / DatasetError on failure."""
     from workflows.ray_setup import ray_session
 
     t_start = time.time()
     loc = storage.locate(dest, endpoint_url)
     log(f"[ingest] destination {loc.uri} ({loc.fs.type_name})")
+    created_dirs = [] if loc.is_s3 or storage.exists(loc.fs, loc.path) else [loc.path]
     storage.check_writable(loc.fs, loc.path, loc.uri)
-
-    path, description = resolve_source(source, cache_dir, checksums or {}, log)
-    data = read_source(path, description, log)
-    counts = check_counts(data, str(path), allow_subset)
-
-    state = inspect_destination(loc, data)
+    try:
+        listing = open_source(source, kind=kind, groups=groups, endpoint_url=endpoint_url,
+                              table_options=dict(table_options or {}),
+                              fetch_omniglot=lambda url: download.fetch_archives(
+                                  download.OFFICIAL_BASE_URL if url == "official" else url, cache_dir,
+                                  checksums or {}, log=log))
+    except (SourceError, download.DownloadError):
+        _restore(loc, None, created_dirs, log)
+        raise
+    log(f"[ingest] {listing.kind} source {listing.description.get('uri')}: {len(listing.entries)} images listed"
+        + (f" ({', '.join(f'{n} {k}' for k, n in sorted(listing.ignored.items()))} skipped)"
+           if listing.ignored else ""))
+    if listing.kind == "omniglot":
+        structural = omniglot_problems(listing, allow_subset)
+        if structural:
+            _restore(loc, None, created_dirs, log)
+            raise IngestError(f"{listing.description.get('uri')}: " + "; ".join(structural[:5]))
+    explicit = fractions is not None
+    entries, split_rule, split_problems = assign_splits(listing, fractions or DEFAULT_FRACTIONS, split_seed, explicit)
+    problems = listing.problems + split_problems
+    if split_problems and skip_bad:  # a class in two splits cannot be left out row by row
+        raise _problem_error(split_problems, str(listing.description.get("uri")), max_problems)
+    options = {"kind": listing.kind, "groups": groups, "skip_bad": skip_bad, "shard_mb": shard_mb,
+               "invert": invert, "split": split_rule, "unknown_label": listing.unknown_label}
+    checksum = listing_checksum(entries, options)
+    if problems and not skip_bad:
+        _restore(loc, None, created_dirs, log)
+        raise _problem_error(problems, str(listing.description.get("uri")), max_problems)
+    state = inspect_destination(loc, checksum)
     if state.current is not None:
-        log(f"[ingest] {loc.uri_of(MANIFEST_NAME)} already describes this content "
-            f"({state.current.content_checksum}); nothing to do")
+        log(f"[ingest] {loc.uri_of(MANIFEST_NAME)} already describes this input; nothing to do")
         return IngestResult(state.current, skipped=True)
     if state.problem is not None and not overwrite:
         raise IngestError(f"{state.problem}; pass --overwrite to replace it, or choose another --dest")
 
+    plan = plan_shards(entries, listing, shard_mb, split_seed)
+    table_schema = schema(listing.has_group, listing.has_source, listing.extra_fields)
     token = f"run-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    new_dirs = [loc.join(s) for s in SPLITS if not loc.is_s3 and not storage.exists(loc.fs, loc.join(s))]
     with ray_session():
-        import ray
-
-        _quiet_ray_data()
-
-        refs = {a: ray.put(alphabet_table(rows)) for a, rows in sorted(data.by_alphabet.items())}
-        validate_on_ray(refs, str(path), log)
         if state.problem is not None:
-            clear_destination(loc, state, log)
-        refs_by_split: dict[str, list] = defaultdict(list)
-        for alphabet, ref in refs.items():
-            refs_by_split[data.split_of_alphabet[alphabet]].append(ref)
+            log(f"[ingest] --overwrite: {state.problem}; removing the old manifest and "
+                f"{len(state.stale_files)} shard file(s)")
+            storage.delete_files(loc.fs, [loc.join(MANIFEST_NAME)])
+            storage.delete_files(loc.fs, list(state.stale_files))
         try:
-            write_shards(loc, refs_by_split, token, log)
-            manifest = build_manifest(loc, data, run_files(loc, token), counts, allow_subset)
+            summaries = run_shard_tasks(listing.reader, plan, loc, token, table_schema, skip_bad, log)
+            problems += [p for s in summaries for p in s["problems"]]
+            if problems and not skip_bad:
+                raise _problem_error(problems, str(listing.description.get("uri")), max_problems)
+            manifest = build_manifest(listing, plan, summaries, loc, checksum, split_rule, problems, invert)
+            if manifest.counts["images"] == 0:
+                raise IngestError(f"no readable image in {listing.description.get('uri')}")
             storage.write_json(loc.fs, loc.join(MANIFEST_NAME), manifest.to_json())
         except BaseException as exc:
-            _remove_run_files(loc, token, log)
+            _restore(loc, token, created_dirs + new_dirs, log)
             if isinstance(exc, OSError):
                 raise storage.explain(exc, loc.uri, loc.fs) from exc
             if isinstance(exc, Exception) and not isinstance(exc, (IngestError, StorageError, DatasetError)):
                 raise IngestError(f"writing shards to {loc.uri} failed: {type(exc).__name__}: {exc}") from exc
             raise
+    if problems:
+        log(f"[ingest] left out {len(problems)} bad file(s) or row(s) (--skip-bad); they are listed in the "
+            f"manifest under 'rejected'")
+    splits = ", ".join(f"{s} {v['images']} images / {v['classes']} classes" for s, v in manifest.splits.items())
     log(f"[ingest] done in {time.time() - t_start:.1f}s: {manifest.counts['images']} images, "
-        f"{manifest.counts['characters']} characters, "
-        + ", ".join(f"{s} {v['images']}" for s, v in manifest.splits.items())
-        + f"; manifest {loc.uri_of(MANIFEST_NAME)}")
+        f"{manifest.counts['classes']} classes ({splits}); manifest {loc.uri_of(MANIFEST_NAME)}")
     return IngestResult(manifest, skipped=False)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--split-fractions takes TRAIN,VALIDATION,TEST, got {text!r}") from exc
+    if len(values) != 3 or any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"--split-fractions takes three fractions that add up to 1, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.ingest", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True,
-                        help="local folder or zip with the raw archives, an http(s) base URL serving "
-                             "images_background.zip and images_evaluation.zip, or 'official'")
-    parser.add_argument("--dest", default=DEFAULT_DEST,
-                        help=f"local directory or s3://bucket/prefix (default {DEFAULT_DEST})")
+                        help="a folder of class folders, a .csv/.tsv/.parquet table (local or s3://), a folder "
+                             "with the Omniglot archives, 'official', or an http(s) base URL serving them")
+    parser.add_argument("--dest", default=DEFAULT_DEST, help="local directory or s3://bucket/prefix (default: %(default)s)")
+    parser.add_argument("--format", dest="kind", default="auto", choices=["auto", "folder", "table", "omniglot"],
+                        help="how to read --source (default: %(default)s, from what it is)")
+    parser.add_argument("--groups", action="store_true",
+                        help="folders: ROOT/GROUP/CLASS/IMAGE, classes compared within their group")
+    table = parser.add_argument_group("table sources")
+    table.add_argument("--image-column", help="column of image paths (default: image, path, file or filename)")
+    table.add_argument("--label-column", help="column of labels (default: label, class or id)")
+    table.add_argument("--group-column", help="optional column of groups")
+    table.add_argument("--source-column", help="optional column of sources (camera, session, drawer)")
+    table.add_argument("--split-column", help="optional column of splits (train, val/validation, test)")
+    table.add_argument("--images-root", help="folder or s3:// prefix the image paths are relative to "
+                                             "(default: the table's folder)")
+    table.add_argument("--unknown-label", help="a label that marks unknown individuals (e.g. new_whale): kept, "
+                                               "never made a class")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out bad images and rows (listed in the manifest) instead of stopping")
+    parser.add_argument("--max-problems", type=int, default=20, help="bad files or rows named in the error "
+                                                                     "(default: %(default)s)")
+    parser.add_argument("--split-fractions", type=_parse_fractions, default=None, metavar="TRAIN,VAL,TEST",
+                        help="fractions of classes (or groups) for a seeded split (default 0.7,0.15,0.15, with at "
+                             f"least {MIN_HELD_OUT_CLASSES} classes or a fifth each for validation and test)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
+                        help="record that dark strokes on a light background are the content (signatures, "
+                             "handwriting), so models invert the pixels (default: no, as for photographs)")
+    parser.add_argument("--shard-mb", type=float, default=64.0,
+                        help="shard size for classes without groups, in MB of image files (default: %(default)s)")
     parser.add_argument("--endpoint-url", default=None,
                         help="S3 endpoint, e.g. http://127.0.0.1:9000 (default: AWS_ENDPOINT_URL_S3 / "
                              "AWS_ENDPOINT_URL, else AWS)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a different or damaged dataset at --dest")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different or damaged data set at --dest")
     parser.add_argument("--allow-subset", action="store_true",
-                        help="accept a partial source (skip the exact official counts)")
+                        help="Omniglot: accept a partial source (skip the exact official counts)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"where downloads are kept (default {download.default_cache_dir()})")
     parser.add_argument("--checksum", action="append", default=[], metavar="NAME=ALGO:HEX",
-                        help="expected digest of a downloaded archive (repeatable), overriding the "
-                             "official one, e.g. images_background.zip=sha256:<hex>")
+                        help="expected digest of a downloaded archive (repeatable), overriding the official one")
     parser.add_argument("--checksums-file", type=Path, default=None,
                         help="expected digests in sha256sum/md5sum format, for a mirror")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         checksums: dict[str, str] = {}
         if args.checksums_file:
             checksums.update({k: v for k, v in download.read_checksum_file(args.checksums_file).items()
                               if k in download.ARCHIVE_FILES})
         checksums.update(dict(download.parse_checksum_option(o) for o in args.checksum))
+        table_options = {k: getattr(args, k) for k in ("image_column", "label_column", "group_column",
+                                                       "source_column", "split_column", "images_root",
+                                                       "unknown_label") if getattr(args, k) is not None}
         ingest(args.source, args.dest, endpoint_url=args.endpoint_url, overwrite=args.overwrite,
-               allow_subset=args.allow_subset, cache_dir=args.cache_dir, checksums=checksums)
-    except (IngestError, StorageError, DatasetError, download.DownloadError, OmniglotSourceError) as exc:
+               skip_bad=args.skip_bad, allow_subset=args.allow_subset, cache_dir=args.cache_dir,
+               checksums=checksums, kind=args.kind, groups=args.groups, table_options=table_options,
+               fractions=args.split_fractions, split_seed=args.split_seed, shard_mb=args.shard_mb,
+               invert=args.invert, max_problems=args.max_problems)
+    except (IngestError, StorageError, DatasetError, download.DownloadError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

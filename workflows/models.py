@@ -3,7 +3,8 @@
 ``evaluate`` and ``predict`` accept the same ``--model`` values:
 
 * ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/model`` or a
-  ``models:/m-...`` logged-model id: loaded with ``mlflow.pytorch``;
+  ``models:/m-...`` logged-model id: the model's ``model.pt`` is downloaded and
+  loaded like a checkpoint (weights and config only; nothing is unpickled);
 * a Ray Train checkpoint directory or a ``model.pt`` file, local or in object storage.
 """
 
@@ -62,13 +63,19 @@ def _load(spec: str, endpoint_url: str | None, tracking_uri: str | None) -> Siam
 
 
 def load_mlflow(uri: str, tracking_uri: str | None = None) -> SiameseNet:
+    """The network of a logged or registered model: its ``data/model.pt``, loaded with ``weights_only``."""
     import mlflow
 
     from workflows.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
-    return ckpt_io.unwrap(getattr(loaded, "net", loaded)).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=directory))
+        found = sorted(local.rglob(ckpt_io.MODEL_FILE))
+        if not found:
+            raise FileNotFoundError(f"{uri} holds no {ckpt_io.MODEL_FILE}: it is not a siamese-oneshot model "
+                                    "(logged by workflows.train)")
+        return ckpt_io.load_model(found[0])
 
 
 def load_remote_checkpoint(uri: str, endpoint_url: str | None = None) -> SiameseNet:

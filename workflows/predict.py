@@ -22,10 +22,9 @@ The query folder is searched recursively; results are sorted by relative path.
 Files whose extension is not an image format Pillow reads, and hidden files and
 folders (names starting with "."), are skipped. Images may be any size, colour
 mode and format (PNG, JPEG, BMP, GIF, TIFF, WebP, ...): each goes through the
-model's own preprocessing (:func:`siamese_core.omniglot.decode_image`:
-grayscale, resize to the model's input size, invert so ink = 1, 8-bit
-quantisation), exactly as in training and evaluation. Dark strokes on a light
-background are expected, as in Omniglot. Every image is embedded once (as the
+model's own preprocessing (:func:`siamese_core.images.decode_image` with the
+model's ``config.preprocess``: colour, fit, polarity, size; its normalisation
+inside the network), exactly as in training and evaluation. Every image is embedded once (as the
 mean over the model's test-time views, ``model.test_time_shift_px``, when it has
 them); all query/support pairs are scored from the embeddings.
 
@@ -45,8 +44,8 @@ from typing import Any, Iterable, Sequence, TextIO
 
 import numpy as np
 
-from siamese_core.config import TEST_TIME_VIEWS
-from siamese_core.omniglot import CorruptImageError, decode_image, quantize
+from siamese_core.config import TEST_TIME_VIEWS, ModelConfig
+from siamese_core.images import CorruptImageError, decode_image
 
 
 class PredictError(Exception):
@@ -139,16 +138,17 @@ def read_queries(folder: str | Path) -> list[tuple[str, Path]]:
     return [(f.relative_to(folder).as_posix(), f) for f in files]
 
 
-def load_images(files: Sequence[Path], size: int) -> np.ndarray:
-    """uint8 ``[N, size, size]`` ink images, preprocessed as for training and evaluation."""
-    out = np.zeros((len(files), size, size), dtype=np.uint8)
+def load_images(files: Sequence[Path], config: ModelConfig) -> np.ndarray:
+    """uint8 ``[N, C, S, S]`` images, preprocessed as the model was trained (its ``config.preprocess``)."""
+    size = config.input_size
+    out = np.zeros((len(files), config.in_channels, size, size), dtype=np.uint8)
     for i, path in enumerate(files):
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise PredictError(f"cannot read image {path}: {exc.strerror or exc}") from exc
         try:
-            out[i] = quantize(decode_image(data, path=str(path), size=size))
+            out[i] = decode_image(data, config.preprocess, size, path=str(path))
         except CorruptImageError as exc:
             raise PredictError(str(exc)) from exc
     return out
@@ -158,7 +158,7 @@ def embed(model: Any, images: np.ndarray, batch_size: int = 256) -> Any:
     """Embeddings ``[N, D]`` of uint8 images, computed once, in batches, without gradients."""
     import torch
 
-    from siamese_core.fit import embed_images
+    from siamese_core.evaluation import embed_images
 
     with torch.no_grad():
         return embed_images(model, images, batch_size=batch_size)
@@ -183,9 +183,8 @@ def predict(model: Any, support: SupportSet, queries: Sequence[tuple[str, Path]]
     from siamese_core.checkpoint import unwrap
 
     net = unwrap(model).eval()
-    size = net.config.input_size
-    h_support = embed(net, load_images(support.files, size), batch_size)
-    h_queries = embed(net, load_images([path for _, path in queries], size), batch_size)
+    h_support = embed(net, load_images(support.files, net.config), batch_size)
+    h_queries = embed(net, load_images([path for _, path in queries], net.config), batch_size)
     logits = class_logits(net, h_queries, h_support, support.owner, len(support.classes))
     best = torch.argmax(logits, dim=1)  # first maximum: deterministic tie-break by class name
     scores = torch.sigmoid(logits.gather(1, best[:, None]).squeeze(1))

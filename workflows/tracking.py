@@ -141,13 +141,60 @@ def log_oneshot(result: Any, split: str, step: int | None = None) -> None:
 
     metrics = {f"{split}_oneshot_accuracy": float(result.accuracy),
                f"{split}_oneshot_trials": float(result.trials)}
-    for alphabet, accuracy in sorted(result.per_alphabet.items()):
-        metrics[f"{split}_oneshot_accuracy.{_metric_safe(alphabet)}"] = float(accuracy)
+    if len(result.per_group) > 1:
+        for group, accuracy in sorted(result.per_group.items()):
+            metrics[f"{split}_oneshot_accuracy.{_metric_safe(group)}"] = float(accuracy)
     mlflow.log_metrics(metrics, step=step)
     mlflow.log_text(json.dumps({"accuracy": result.accuracy, "correct": result.correct,
-                                "trials": result.trials, "per_alphabet": result.per_alphabet},
+                                "trials": result.trials, "per_group": result.per_group},
                                indent=2, sort_keys=True),
                     f"oneshot/{split}.json")
+
+
+def log_dataset(dataset: Any, context: str) -> None:
+    """The data set as an input of the active run (MLflow's Datasets panel): name, URI, manifest checksum."""
+    import mlflow
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest = dataset.manifest
+    uri = dataset.uri if "://" in dataset.uri else Path(dataset.uri).resolve().as_uri()
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(uri)
+    except Exception:  # no registered source type for this scheme: record the URI as such
+        source = HTTPDatasetSource(url=uri)
+    digest = manifest.content_checksum.split(":", 1)[-1][:16]
+    mlflow.log_input(MetaDataset(source=source, name=manifest.name, digest=digest), context=context)
+    mlflow.set_tags({"data.uri": dataset.uri, "data.name": manifest.name,
+                     "data.content_checksum": manifest.content_checksum})
+    mlflow.log_params({"data.images": manifest.counts["images"], "data.classes": manifest.counts["classes"],
+                       "data.groups": manifest.counts.get("groups", 0)})
+
+
+def log_report(report: Any, split: str) -> None:
+    """A finished model's test episodes, the pixel baseline on them, the single view, and their pictures."""
+    import mlflow
+
+    log_oneshot(report.evaluation.result, split)
+    metrics = {f"{split}_pixel_nn_accuracy": float(report.baseline.accuracy)}
+    if report.single_view_accuracy is not None:
+        metrics[f"{split}_oneshot_accuracy_single_view"] = float(report.single_view_accuracy)
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag(f"{split}_protocol", report.protocol)
+    log_oneshot_figures(report.evaluation, split)
+
+
+def describe_run(dataset: Any, recipe: str, report: Any) -> None:
+    """The run's description (MLflow's ``mlflow.note.content``): data, recipe, headline figure and baseline."""
+    import mlflow
+
+    result = report.evaluation.result
+    text = (f"**{dataset.name}** ({dataset.uri}), recipe `{recipe}`: test one-shot accuracy "
+            f"**{result.accuracy:.2%}** ({result.correct}/{result.trials} trials, {report.protocol}); "
+            f"pixel nearest neighbour on the same trials {report.baseline.accuracy:.2%}.")
+    mlflow.set_tag("mlflow.note.content", text)
 
 
 def _metric_safe(name: str) -> str:
@@ -235,8 +282,16 @@ class EpochMetricsCallback(_UserCallback):  # type: ignore[misc,valid-type]
             self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
 
 
+def _picture(images: Any, row: int, invert: bool) -> tuple[Any, str]:
+    """An image row ``[C, S, S]`` as matplotlib wants it, and its colour map (ink dark when inverted)."""
+    pixels = images[row]
+    if pixels.shape[0] == 1:
+        return pixels[0], ("gray_r" if invert else "gray")
+    return pixels.transpose(1, 2, 0), "viridis"
+
+
 def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
-    """A picture of a few trials (query, support set, chosen and true class) and a per-alphabet chart."""
+    """A picture of a few trials (query, support set, chosen and true class) and a per-group chart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +299,7 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
     import mlflow
     import numpy as np
 
-    result, arrays, runs = evaluation.result, evaluation.arrays, evaluation.runs
+    result, images, runs = evaluation.result, evaluation.images.images, evaluation.runs
     rng = np.random.default_rng(0)
     picked = rng.choice(result.trials, size=min(n_trials, result.trials), replace=False)
     n_way = runs[0].n_way
@@ -252,11 +307,14 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
                              squeeze=False)
     for row, t in enumerate(sorted(picked)):
         run = runs[int(result.run_index[t])]
-        axes[row, 0].imshow(arrays.images[int(result.query[t])], cmap="gray_r")
+        pixels, cmap = _picture(images, int(result.query[t]), evaluation.invert)
+        axes[row, 0].imshow(pixels, cmap=cmap)
         axes[row, 0].set_title("query", fontsize=7)
         for pos in range(n_way):
             ax = axes[row, pos + 1]
-            ax.imshow(arrays.images[int(run.support[pos])], cmap="gray_r")
+            first = int(run.support[np.flatnonzero(run.support_class == pos)[0]])
+            pixels, cmap = _picture(images, first, evaluation.invert)
+            ax.imshow(pixels, cmap=cmap)
             if pos == int(result.answer[t]):
                 ax.set_title("true", fontsize=7, color="green")
             if pos == int(result.predicted[t]):
@@ -266,7 +324,7 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
                     spine.set_linewidth(3)
                 if not result.is_correct[t]:
                     ax.set_title("chosen", fontsize=7, color="red")
-        axes[row, 0].set_ylabel(run.alphabet[:14], fontsize=6)
+        axes[row, 0].set_ylabel(run.group[:14], fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -275,41 +333,48 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
     mlflow.log_figure(fig, f"oneshot/{split}_trials.png")
     plt.close(fig)
 
-    names = sorted(result.per_alphabet)
+    names = sorted(result.per_group)
+    if len(names) < 2:
+        return
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
-    ax.barh(names, [result.per_alphabet[n] for n in names], color="steelblue")
+    ax.barh(names, [result.per_group[n] for n in names], color="steelblue")
     ax.axvline(result.accuracy, color="black", linestyle="--", label=f"all: {result.accuracy:.1%}")
     ax.set_xlim(0, 1)
     ax.set_xlabel("one-shot accuracy")
     ax.legend(loc="lower right", fontsize=8)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    mlflow.log_figure(fig, f"oneshot/{split}_per_alphabet.png")
+    mlflow.log_figure(fig, f"oneshot/{split}_per_group.png")
     plt.close(fig)
 
 
 def log_model(model: Any, registered_model: str | None) -> str:
-    """Log the network as an MLflow PyTorch model (pairs in, similarity out), optionally registered.
+    """Log the network as an MLflow pyfunc model (pairs of encoded images in, similarity out), maybe registered.
 
-    The served signature is one tensor of stacked pairs ``[B, 2, 1, S, S]``
-    (float in [0, 1], ink = 1) -> similarity ``[B]``.
+    The model's files are its ``model.pt`` (weights and config, loaded with ``weights_only``)
+    and the package's source: ``siamese_core.serving`` rebuilds the network, so loading it
+    unpickles nothing. Its input is a table with ``left`` and ``right`` columns of image bytes
+    in any format (or one ``image`` column, for embeddings); the model's own preprocessing applies.
     """
+    import tempfile
+
     import mlflow
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
     import siamese_core
-    from siamese_core.checkpoint import PairScorer
+    from siamese_core import checkpoint as ckpt_io
 
-    scorer = PairScorer(model).eval()
-    size = scorer.net.config.input_size
-    example = np.zeros((2, 2, 1, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = scorer(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        scorer, name="model", signature=infer_signature(example, output),
-        serialization_format="pickle", registered_model_name=registered_model,
-        code_paths=[str(Path(siamese_core.__file__).parent)],
-    )
+    signature = ModelSignature(inputs=Schema([ColSpec(DataType.binary, "left"), ColSpec(DataType.binary, "right")]),
+                               outputs=Schema([TensorSpec(np.dtype("float32"), (-1,))]))
+    with tempfile.TemporaryDirectory() as directory:
+        path = ckpt_io.save(directory, model)
+        info = mlflow.pyfunc.log_model(
+            name="model", loader_module="siamese_core.serving", data_path=str(path),
+            code_paths=[str(Path(siamese_core.__file__).parent)], signature=signature,
+            registered_model_name=registered_model,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "pandas"],
+        )
     return info.model_uri

@@ -16,59 +16,21 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from siamese_core.config import ConfigError, DistortionConfig
+from siamese_core.config import ConfigError, apply_overrides
 from workflows import config as job_config
 from workflows.config import JobConfig
 
 
 # --------------------------------------------------------------------------- worker side
-
-@dataclass
-class Validation:
-    """Rank 0's fixed validation data: verification pairs (``left``/``right``: row indices into
-    ``images``) and Koch's 320 one-shot trials."""
-
-    images: Any
-    left: Any
-    right: Any
-    same: Any
-    runs: list
-
-    @staticmethod
-    def load(cfg: JobConfig, device: Any) -> "Validation":
-        import torch
-
-        from siamese_core.fit import fixed_validation_pairs, oneshot_trials
-        from workflows.evaluate import load_split_arrays
-
-        arrays = load_split_arrays(cfg.data.uri, "validation", cfg.data.endpoint_url, size=cfg.model.input_size)
-        images = torch.from_numpy(np.ascontiguousarray(arrays.images)).to(device)
-        pairs = fixed_validation_pairs(arrays, negatives=cfg.training.negatives)  # type: ignore[arg-type]
-        return Validation(images=images, left=torch.from_numpy(pairs.left), right=torch.from_numpy(pairs.right),
-                          same=torch.from_numpy(pairs.same), runs=oneshot_trials(arrays))
-
-    def evaluate(self, model: Any, device: Any, views: str = "model") -> dict[str, float]:
-        """Verification accuracy, and one-shot accuracy with ``views`` (``training.validation_views``)."""
-        from siamese_core.fit import evaluate_oneshot, validation_model
-        from siamese_core.train_step import verification_accuracy
-
-        oneshot = evaluate_oneshot(validation_model(model, views), self.images, self.runs, device)
-        return {"val_verification_accuracy": verification_accuracy(model, self.images, self.left, self.right, self.same),
-                "val_oneshot_accuracy": oneshot.accuracy}
-
-
-def _distortion_seed(seed: int, epoch: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank, 0xD157]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's value on every rank (identity on a single worker)."""
@@ -106,20 +68,21 @@ def _nodes_in_use() -> int:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One Train worker: stream pairs, step, validate (rank 0), checkpoint, early-stop."""
+    """One Train worker: the core's training loop, fed by the Ray Data stream, reporting with checkpoints."""
     import ray.train
     import ray.train.torch
     import torch
 
     from siamese_core import checkpoint as ckpt_io
-    from siamese_core.fit import EarlyStopping, new_model
+    from siamese_core.evaluation import Validator
     from siamese_core.heap import keep_freed_memory
+    from siamese_core.loop import LoopState, TrainingLoop, new_model
     from siamese_core.model import place_model
-    from siamese_core.optim import apply_epoch_schedule, build_optimizer
-    from siamese_core.train_step import train_step
-    from workflows.data import expand_copies, iter_steps, worker_stream
+    from siamese_core.optim import build_optimizer
+    from workflows.data import worker_stream
 
     cfg: JobConfig = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
+    dataset = loop_config["dataset"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Share the node's cores between its workers unless told otherwise.
@@ -127,11 +90,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.training.keep_freed_memory:
         keep_freed_memory()
     device = ray.train.torch.get_device()
-    gpu = device.type == "cuda"
 
     model = new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled)
-    stopper = EarlyStopping(cfg.training.patience)
-    start_epoch, payload = 0, None
+    state, payload = LoopState(), None
     restored = ray.train.get_checkpoint()
     if restored is not None:
         try:
@@ -141,86 +102,57 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             raise RuntimeError(f"StorageError: could not read the last checkpoint {restored.path} back from "
                                f"{cfg.cluster.storage_path} (is the storage reachable?): {exc}") from exc
         model.load_state_dict(payload["state_dict"])
-        stopper.load_state_dict(payload["early_stopping"])
-        start_epoch = int(payload["epoch"]) + 1
+        state = LoopState.from_state_dict(payload["loop"], cfg.training.patience)
         if rank == 0:
             print(f"[rank 0] restored epoch {payload['epoch']} from {restored.path}; "
-                  f"training goes on at epoch {start_epoch}", flush=True)
+                  f"training goes on at epoch {state.next_epoch}", flush=True)
     model = ray.train.torch.prepare_model(place_model(model, device, cfg.cluster.channels_last))
     optimizer = build_optimizer(ckpt_io.unwrap(model), cfg.optim)
     if payload is not None:
         optimizer.load_state_dict(payload["optimizer"])
-    autocast = torch.bfloat16 if gpu and cfg.cluster.mixed_precision else None
-    distort_cfg: DistortionConfig | None = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+    autocast = torch.bfloat16 if device.type == "cuda" and cfg.cluster.mixed_precision else None
 
     worker_nodes = _nodes_in_use()
-    validation = Validation.load(cfg, device) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    validator = None
+    if rank == 0:
+        net_config = ckpt_io.unwrap(model).config
+        validator = Validator(dataset.load_images("validation", net_config.input_size, net_config.preprocess),
+                              cfg.evaluation,
+                              device, cfg.training.negatives, cfg.training.validation_views)  # type: ignore[arg-type]
     # Pulls each epoch's pairs ahead and starts the next epoch's pass while this one trains.
-    stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
-    started = time.perf_counter()
-    epoch_seconds: list[float] = []
-    for epoch in range(start_epoch, cfg.training.epochs):
-        t0 = time.perf_counter()
-        apply_epoch_schedule(optimizer, cfg.optim, epoch)
-        generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, rank))
-        loss_sum, steps, pairs_seen, pairs_epoch = 0.0, 0, 0, -1
-        for batch in stream.epoch(epoch):
-            pairs_epoch = int(batch["epoch"][0]) if pairs_epoch < 0 and len(batch["epoch"]) else pairs_epoch
-            expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
-            for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
-                loss_sum += train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
-                                       autocast_dtype=autocast,
-                                       in_batch_negatives=cfg.training.in_batch_negatives)
-                steps += 1
-                pairs_seen += left.shape[0]
-        train_seconds = time.perf_counter() - t0
-        train_loss = _mean_across_ranks(loss_sum / max(1, steps))
+    stream = worker_stream(ray.train.get_dataset_shard("train"), cfg, loop_config["epoch_clock"])
+    loop = TrainingLoop(cfg.recipe, model, optimizer, device, validator, rank=rank, world=world,
+                        autocast_dtype=autocast, mean_across_ranks=_mean_across_ranks, from_rank0=_broadcast)
 
-        metrics: dict[str, Any] = {}
+    def report(row: dict[str, Any], loop_state: LoopState) -> None:
+        row = {**row, "worker_nodes": worker_nodes,
+               CHECKPOINT_RANK: checkpoint_rank(row["val_oneshot_accuracy"], row["epoch"])}
         if rank == 0:
-            assert validation is not None
-            metrics = validation.evaluate(ckpt_io.unwrap(model), device, cfg.training.validation_views)
-            improved = stopper.update(epoch, metrics["val_oneshot_accuracy"])
-            elapsed = time.perf_counter() - started
-            epoch_seconds.append(time.perf_counter() - t0)
-            over_budget = (cfg.training.time_budget_s is not None
-                           and elapsed + max(epoch_seconds[-3:]) > cfg.training.time_budget_s)
-            metrics.update({
-                "epoch": epoch, "epochs_completed": epoch + 1, "train_loss": train_loss, "improved": int(improved),
-                "best_val_oneshot_accuracy": stopper.best_value, "best_epoch": stopper.best_epoch,
-                CHECKPOINT_RANK: checkpoint_rank(metrics["val_oneshot_accuracy"], epoch),
-                "lr": float(optimizer.param_groups[0]["lr"]),
-                "momentum": float(optimizer.param_groups[0].get("momentum", 0.0)),
-                "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0,
-                "train_pairs_per_second": pairs_seen * world / max(train_seconds, 1e-9),
-                "steps": steps, "workers": world, "worker_nodes": worker_nodes,
-                "pairs_epoch": pairs_epoch,  # the epoch the pair stage drew for: equal to "epoch" when in step
-                "stop": "early_stopping" if stopper.should_stop else "time_budget" if over_budget
-                else "epochs" if epoch + 1 >= cfg.training.epochs else "",
-            })
-            print(f"[rank 0] epoch {epoch:3d} loss {train_loss:.4f} "
-                  f"val verif {metrics['val_verification_accuracy']:.4f} "
-                  f"val 1-shot {metrics['val_oneshot_accuracy']:.4f}{' *' if improved else ''} "
-                  f"({metrics['epoch_seconds']:.1f}s, {metrics['train_pairs_per_second']:.0f} pairs/s)",
-                  flush=True)
-        metrics = _broadcast(metrics)
+            print(f"[rank 0] epoch {row['epoch']:3d} loss {row['train_loss']:.4f} "
+                  f"val verif {row['val_verification_accuracy']:.4f} "
+                  f"val 1-shot {row['val_oneshot_accuracy']:.4f}{' *' if row['improved'] else ''} "
+                  f"({row['epoch_seconds']:.1f}s, {row['train_pairs_per_second']:.0f} pairs/s)", flush=True)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                ckpt_io.save(directory, model, optimizer=optimizer.state_dict(), epoch=epoch,
-                             early_stopping=stopper.state_dict(), metrics=metrics)
+                ckpt_io.save(directory, model, optimizer=optimizer.state_dict(), epoch=row["epoch"],
+                             loop=loop_state.state_dict(), metrics=row)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if metrics["stop"]:
-            break
+            ray.train.report(row, checkpoint=checkpoint)
+
+    loop.run(stream.epoch, state, on_epoch=report)
     stream.close()  # the next epoch's pass may have started already
 
 
 # --------------------------------------------------------------------------- driver side
 
-def preflight(cfg: JobConfig) -> dict[str, Any]:
-    """Everything that can be checked before asking Ray for resources; fails with what to fix."""
+def preflight(cfg: JobConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Everything that can be checked before asking Ray for resources; fails with what to fix.
+
+    Opens the data set once; the handle travels to the pair stage and the workers. The
+    configuration is fitted to the data (its preprocessing defaults, its sources and groups),
+    so the returned ``cfg`` and ``overrides`` are what every worker builds.
+    """
     from workflows import shards, storage, tracking
 
     per_worker = cfg.pairs.pairs_per_epoch // cfg.cluster.workers
@@ -229,15 +161,58 @@ def preflight(cfg: JobConfig) -> dict[str, Any]:
                           f"gives {per_worker} pairs each, less than one batch of training.batch_size="
                           f"{cfg.training.batch_size}: no training step would run. Raise pairs.pairs_per_epoch "
                           "or lower training.batch_size / cluster.workers")
-    manifest = shards.read_manifest(cfg.data.uri, cfg.data.endpoint_url)
+    dataset = shards.DataSet.open(cfg.data.uri, cfg.data.endpoint_url)
     for split in ("train", "validation", "test"):
-        if not manifest.shards_of(split):
+        if not dataset.manifest.shards_of(split):
             raise ConfigError(f"{cfg.data.uri} has no {split!r} shards; re-run workflows.ingest")
+    cfg, overrides = fit_to_data(cfg, overrides, dataset)
     loc = storage.locate(cfg.cluster.storage_path, cfg.data.endpoint_url)
     storage.check_writable(loc.fs, loc.path, loc.uri)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(tracking_uri)
-    return {"manifest": manifest, "storage": loc, "tracking_uri": tracking_uri}
+    return {"dataset": dataset, "storage": loc, "tracking_uri": tracking_uri, "cfg": cfg, "overrides": overrides}
+
+
+def fit_to_data(cfg: JobConfig, overrides: dict[str, Any], dataset: Any) -> tuple[JobConfig, dict[str, Any]]:
+    """The configuration with the data set's preprocessing defaults filled in, checked against the data.
+
+    What the config leaves open (``model.preprocess.*`` None) comes from the manifest, and goes
+    into the overrides as explicit values, so every worker, the checkpoint and the registered
+    model carry the same resolved preprocessing. Refuses, before Ray starts, sources the data
+    has not got and one-shot episodes larger than its validation or test groups allow.
+    """
+    from siamese_core.oneshot import max_n_way
+
+    manifest = dataset.manifest
+    resolved = cfg.model.preprocess.resolved(manifest.preprocessing)
+    extra = {f"model.preprocess.{k}": (v if not isinstance(v, tuple) else (",".join(map(str, v)) or "[]"))
+             for k, v in dataclasses.asdict(resolved).items()}
+    overrides = {**overrides, **extra}
+    try:
+        cfg = apply_overrides(cfg, extra)
+    except ConfigError as exc:
+        raise ConfigError(f"{dataset.uri}: its preprocessing does not fit the model: {exc}") from exc
+    if cfg.pairs.sources and not manifest.has_source:
+        raise ConfigError(f"pairs.sources={list(cfg.pairs.sources)} names sources, but {dataset.uri} has no source "
+                          "column; set pairs.sources=[] (every image)")
+    if cfg.pairs.sources:
+        known = set(manifest.splits["train"].get("source_names", cfg.pairs.sources))
+        unknown = sorted(set(cfg.pairs.sources) - known)
+        if unknown:
+            raise ConfigError(f"pairs.sources names {unknown}, which {dataset.uri} has not got in its training "
+                              f"split (it has {sorted(known)})")
+    for split in ("validation", "test"):
+        table = dataset.read_table(split, ["label"] + (["group"] if manifest.has_group else []))
+        labels = table.column("label").to_numpy(zero_copy_only=False)
+        keep = labels != manifest.unknown_label if manifest.unknown_label else np.ones(len(labels), bool)
+        groups = table.column("group").to_numpy(zero_copy_only=False)[keep] if manifest.has_group else None
+        codes = np.unique(labels[keep], return_inverse=True)[1]
+        try:
+            cfg.evaluation.episodes(manifest.has_group, max_n_way(codes, cfg.evaluation.k_shot, groups),
+                                    validation=split == "validation")
+        except ConfigError as exc:
+            raise ConfigError(f"{dataset.uri}, {split} split: {exc}") from exc
+    return cfg, overrides
 
 
 def check_resources(cfg: JobConfig) -> None:
@@ -258,26 +233,28 @@ def check_resources(cfg: JobConfig) -> None:
                           f"{total.get('CPU', 0.0):g}. Lower cluster.cpus_per_worker or cluster.workers")
 
 
-def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any, callbacks: list) -> Any:
+def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], dataset: Any, storage_loc: Any,
+                  callbacks: list) -> Any:
     """A ``TorchTrainer`` over the streaming pair dataset, its workers and the stage sharing an epoch clock."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from workflows import storage
     from workflows.data import start_epoch_clock, training_pairs
 
-    import ray.data
-
     # Progress is the per-epoch line (and Tune's table). Ray Data's bars, redrawn for every
     # epoch's two-second pass, would bury it and cost the driver CPU beside the workers.
     ray.data.DataContext.get_current().enable_progress_bars = False
     clock = start_epoch_clock()
-    loop_config = {**loop_config, "epoch_clock": clock}
-    dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
-                             cfg.data.endpoint_url, clock=clock, negatives=cfg.training.negatives,
-                             num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
-                             concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb,
-                             shards_per_task=cfg.data.shards_per_task)
+    loop_config = {**loop_config, "epoch_clock": clock, "dataset": dataset}
+    pairs = training_pairs(dataset, cfg.pairs, cfg.model, cfg.training.seed, clock=clock,
+                           negatives=cfg.training.negatives, num_cpus=cfg.data.pair_stage_cpus,
+                           read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency,
+                           cache_mb=cfg.data.decoded_cache_mb, shards_per_task=cfg.data.shards_per_task)
+    # Blocks in order: the stream, and so a seeded run, does not depend on which task finishes first.
+    ingest_options = ray.train.DataConfig.default_ingest_options()
+    ingest_options.preserve_order = True
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
@@ -297,7 +274,8 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], storage_loc: Any,
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             callbacks=callbacks,
         ),
-        datasets={"train": dataset},
+        datasets={"train": pairs},
+        dataset_config=ray.train.DataConfig(execution_options={"train": ingest_options}),
     )
 
 
@@ -326,29 +304,29 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The whole job; returns a summary (test accuracy, MLflow run id, best epoch)."""
+    """The whole job; returns a summary (test accuracy beside the pixel baseline, MLflow run id, best epoch)."""
     import mlflow
 
     from siamese_core import checkpoint as ckpt_io
-    from siamese_core.fit import evaluate_oneshot
-    from siamese_core.model import with_test_time_shift
     from workflows import evaluate, ray_setup, tracking
 
-    checks = preflight(cfg)
+    checks = preflight(cfg, overrides)
+    cfg, overrides, dataset = checks["cfg"], checks["overrides"], checks["dataset"]
     tracking_uri = checks["tracking_uri"]
-    run_name = cfg.tracking.run_name or f"train-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = cfg.tracking.run_name or f"train-{dataset.name}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     resumed = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
-                             tags={"job": "train", "preset": cfg.model.preset}) as mlrun:
+                             tags={"job": "train", "preset": cfg.model.preset, "data": dataset.name}) as mlrun:
         if resumed is None:
             tracking.log_config(cfg)
+            tracking.log_dataset(dataset, context="training")
             tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id)
         else:
             print(f"Resuming {cfg.cluster.name!r} from {checks['storage'].uri}: MLflow run {resumed}")
         with ray_setup.ray_session(quiet=False):
             check_resources(cfg)
             loop_config = {"recipe": recipe, "overrides": overrides}
-            trainer = build_trainer(cfg, loop_config, checks["storage"],
+            trainer = build_trainer(cfg, loop_config, dataset, checks["storage"],
                                     [tracking.EpochMetricsCallback(tracking_uri, mlrun.info.run_id)])
             started = time.perf_counter()
             result = trainer.fit()
@@ -356,22 +334,19 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
         checkpoint, best_metrics = best_checkpoint(result)
         with checkpoint.as_directory() as directory:
             model = ckpt_io.load_model(directory)
-        test = evaluate.evaluate_model(model, cfg.data.uri, "test", seed=cfg.training.seed,
-                                       endpoint_url=cfg.data.endpoint_url)
+        report = evaluate.final_report(model, dataset, cfg.evaluation, seed=cfg.training.seed)
         mlflow.log_metrics({"best_epoch": best_metrics["epoch"],
                             "best_val_oneshot_accuracy": best_metrics["val_oneshot_accuracy"],
                             "train_wall_seconds": train_seconds})
-        tracking.log_oneshot(test.result, "test")
-        tracking.log_oneshot_figures(test, "test")
-        single_view = None
-        if model.config.test_time_shift_px:  # also the paper's protocol: one view per image
-            single_view = evaluate_oneshot(with_test_time_shift(model, 0), test.arrays, test.runs).accuracy
-            mlflow.log_metric("test_oneshot_accuracy_single_view", single_view)
+        tracking.log_report(report, "test")
         model_uri = tracking.log_model(model, cfg.tracking.registered_model)
+        tracking.describe_run(dataset, recipe, report)
         tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id, finished=True)
-        return {"run_id": mlrun.info.run_id, "tracking_uri": tracking_uri, "test_accuracy": test.result.accuracy,
-                "test_accuracy_single_view": single_view, "test_time_shift_px": model.config.test_time_shift_px,
-                "test_time_views": model.config.test_time_views,
+        test = report.evaluation
+        return {"run_id": mlrun.info.run_id, "tracking_uri": tracking_uri, "data": dataset.name,
+                "test_accuracy": test.result.accuracy, "test_accuracy_single_view": report.single_view_accuracy,
+                "test_pixel_nn_accuracy": report.baseline.accuracy, "protocol": report.protocol,
+                "test_time_shift_px": model.config.test_time_shift_px, "test_time_views": model.config.test_time_views,
                 "test_correct": test.result.correct, "test_trials": test.result.trials,
                 "best_epoch": int(best_metrics["epoch"]),
                 "best_val_oneshot_accuracy": float(best_metrics["val_oneshot_accuracy"]),
@@ -449,14 +424,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(training_failure_message(cfg, exc), file=sys.stderr)
         return 1
-    from workflows.evaluate import views_description
-
-    views = views_description(summary["test_time_shift_px"], summary["test_time_views"])
-    if summary["test_accuracy_single_view"] is not None:
-        views += f"; one view, as in the paper: {summary['test_accuracy_single_view']:.2%}"
+    single = summary["test_accuracy_single_view"]
     val_views = ", one view" if summary["validation_views"] == "single" and summary["test_time_shift_px"] else ""
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
-          f"{summary['test_trials']} trials, 20-way within-alphabet, Lake's 10 test alphabets{views}); "
+          f"{summary['test_trials']} trials, {summary['protocol']}"
+          + (f"; one view, as in the paper: {single:.2%}" if single is not None else "")
+          + f"); pixel nearest neighbour on the same trials: {summary['test_pixel_nn_accuracy']:.2%}; "
           f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}{val_views}), "
           f"training {summary['train_seconds']:.0f}s")
     print(f"MLflow run {summary['run_id']}; model {summary['model_uri']}")

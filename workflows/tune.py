@@ -50,6 +50,8 @@ class SearchPlan:
     parent_run_id: str
     train_storage: str
     """Where the trials' Train runs keep checkpoints: ``<storage>/<search name>/train/<trial id>``."""
+    dataset: Any = None
+    """The data set, opened once by the search's driver (``shards.DataSet``); every trial reads it."""
 
     def trial_overrides(self, params: Mapping[str, Any], trial_id: str) -> dict[str, Any]:
         return {**self.base_overrides, **params, "cluster.name": trial_id,
@@ -72,7 +74,7 @@ def run_trial(params: dict[str, Any], plan: SearchPlan) -> None:
     cfg = job_config.build(plan.recipe, overrides=overrides)
     child = child_run(plan, trial_id, cfg)
     loc = storage.locate(cfg.cluster.storage_path, cfg.data.endpoint_url)
-    trainer = build_trainer(cfg, {"recipe": plan.recipe, "overrides": overrides}, loc,
+    trainer = build_trainer(cfg, {"recipe": plan.recipe, "overrides": overrides}, plan.dataset, loc,
                             [tracking.EpochMetricsCallback(plan.tracking_uri, child), TuneReportCallback()])
     trainer.fit()
     MlflowClient(plan.tracking_uri).set_terminated(child, "FINISHED")
@@ -249,19 +251,21 @@ def search(cfg: JobConfig, search_cfg: SearchSection, recipe: str, overrides: di
     if search_cfg.scheduler == "asha" and search_cfg.grace_period > cfg.training.epochs:
         raise ConfigError(f"search.grace_period={search_cfg.grace_period} exceeds training.epochs="
                           f"{cfg.training.epochs}: ASHA could never compare trials. Lower it or raise the epochs")
-    checks = preflight(cfg)
+    checks = preflight(cfg, overrides)
+    cfg, overrides, dataset = checks["cfg"], checks["overrides"], checks["dataset"]
     tracking_uri, loc = checks["tracking_uri"], checks["storage"]
     resumed = tracking.previous_run(loc, search_cfg.name, tracking_uri, "search")
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, search_cfg.name, run_id=resumed,
                              tags={"job": "tune", "preset": cfg.model.preset}) as parent:
         if resumed is None:
             tracking.log_config(cfg)
+            tracking.log_dataset(dataset, context="training")
             mlflow.log_params({f"search.{k}": str(v) for k, v in tracking.flatten_params(search_cfg).items()})
             mlflow.log_text(search_space.dump(space), "search_space.yaml")
             tracking.remember_run(loc, search_cfg.name, tracking_uri, parent.info.run_id)
         plan = SearchPlan(recipe=recipe, base_overrides=dict(overrides), tracking_uri=tracking_uri,
                           experiment=cfg.tracking.experiment, parent_run_id=parent.info.run_id,
-                          train_storage=loc.uri_of(search_cfg.name, "train"))
+                          train_storage=loc.uri_of(search_cfg.name, "train"), dataset=dataset)
         with ray_setup.ray_session(quiet=False):
             check_resources(cfg)
             tuner, restored = make_tuner(plan, space, search_cfg, cfg, loc)
@@ -282,8 +286,8 @@ def search(cfg: JobConfig, search_cfg: SearchSection, recipe: str, overrides: di
 
         with ray.train.Checkpoint(str(row["checkpoint_path"]), filesystem=loc.fs).as_directory() as directory:
             model = ckpt_io.load_model(directory)
-        test = evaluate.evaluate_model(model, cfg.data.uri, "test", seed=cfg.training.seed,
-                                       endpoint_url=cfg.data.endpoint_url)
+        report = evaluate.final_report(model, dataset, cfg.evaluation, seed=cfg.training.seed)
+        test = report.evaluation
         best_overrides = {**overrides, **best.params}
         best_cfg = job_config.build(recipe, overrides=best_overrides)
         keys = search_space.searched_keys(space)
@@ -293,8 +297,8 @@ def search(cfg: JobConfig, search_cfg: SearchSection, recipe: str, overrides: di
                             "trials": len(trials), "trials_stopped_early": sum(t.stopped_early for t in trials),
                             "trials_failed": sum(t.error is not None for t in trials),
                             "search_seconds": search_seconds})
-        tracking.log_oneshot(test.result, "test")
-        tracking.log_oneshot_figures(test, "test")
+        tracking.log_report(report, "test")
+        tracking.describe_run(dataset, recipe, report)
         text = tracking.config_yaml(best_cfg)
         mlflow.log_text(text, "best_config.yaml")
         mlflow.log_text(trials_csv(trials, keys), "trials.csv")
