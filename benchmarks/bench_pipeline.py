@@ -5,13 +5,12 @@ and distorted copies, trained side by side in one run:
 
 * plain: a fresh process (beside the same Ray processes, but without the
   driver's Ray threads), the training split decoded once into memory (not
-  timed), per epoch ``sample_pairs`` -> ``pair_batches`` -> ``train_step``
-  (what ``siamese_core.fit`` does);
+  timed), each epoch ``siamese_core.loop.TrainingLoop.train_epoch`` over
+  ``MemoryPairs`` (what ``siamese_core.loop.fit`` does);
 * pipeline: ``workflows.data.training_pairs`` (shard paths -> pair-stage
-  tasks that read, decode and pair them) feeding one Ray Train ``TorchTrainer`` worker whose loop is
-  the training half of ``workflows.train.train_loop_per_worker``
-  (``EpochStream`` with the same chunk and shuffle buffer -> ``expand_copies`` ->
-  ``iter_steps`` -> ``train_step``); no validation or checkpoints.
+  tasks that read, decode and pair them) feeding one Ray Train ``TorchTrainer`` worker whose
+  ``TrainingLoop.train_epoch`` reads the ``EpochStream``, as ``workflows.train`` does
+  (the same chunks, steps and distortions); no validation or checkpoints.
 
 Only the training part of each epoch is timed on both sides. Each side also counts its
 process's CPU time in the kernel and minor page faults (``ProcessUsage``): with
@@ -124,40 +123,25 @@ def job_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- plain loop
 
-def plain_setup(cfg: Any, arrays: Any, n_alphabets: int) -> dict[str, Any]:
-    """What the plain loop builds once: images as a tensor and the pair settings matched to the pipeline's."""
-    import torch
+def plain_setup(cfg: Any, images: Any) -> Any:
+    """The plain loop's pairs: the pair stage's draw over the decoded split, chunked as the stream is."""
+    from siamese_core.loop import MemoryPairs
 
-    # The pipeline's pair stage draws round(pairs / alphabets) pairs per alphabet: match the total.
-    per_alphabet = max(2, round(cfg.pairs.pairs_per_epoch / n_alphabets))
-    return {"images": torch.from_numpy(np.ascontiguousarray(arrays.images)), "arrays": arrays,
-            "pair_cfg": dataclasses.replace(cfg.pairs, pairs_per_epoch=per_alphabet * n_alphabets),
-            "distort_cfg": cfg.distort if cfg.pairs.distorted_copies > 0 else None}
+    return MemoryPairs(images, cfg.recipe, cfg.data.chunk_pairs)
 
 
-def plain_epoch(cfg: Any, setup: dict[str, Any], model: Any, optimizer: Any, epoch: int) -> dict[str, float]:
-    """One epoch of the plain loop (what ``siamese_core.fit`` does), timed whole: pairs drawn,
-    batches cut from the in-memory images, training steps."""
-    from siamese_core.fit import epoch_generator, pair_batches
-    from siamese_core.optim import apply_epoch_schedule
-    from siamese_core.pairs import sample_pairs
-    from siamese_core.train_step import train_step
-
-    arrays = setup["arrays"]
+def timed_epoch(loop: Any, epoch: int, chunks: Any) -> dict[str, Any]:
+    """``loop.train_epoch`` over ``chunks``, timed whole, with this process's CPU time and faults."""
     usage = ProcessUsage()
     t0, c0 = time.perf_counter(), time.process_time()
-    apply_epoch_schedule(optimizer, cfg.optim, epoch)
-    pairs = sample_pairs(arrays.alphabet, arrays.character, setup["pair_cfg"], cfg.training.seed, epoch,
-                         drawer=arrays.drawer, negatives=cfg.training.negatives)
-    generator = epoch_generator(cfg.training.seed, epoch)
-    rows = 0
-    for left, right, same, mask in pair_batches(pairs, setup["images"], cfg.training.batch_size,
-                                                cfg.training.seed, epoch, drop_last=True):
-        train_step(model, optimizer, left, right, same, mask, setup["distort_cfg"], generator,
-                   in_batch_negatives=cfg.training.in_batch_negatives)
-        rows += left.shape[0]
-    return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": rows,
+    trained = loop.train_epoch(epoch, chunks)
+    return {"epoch": epoch, "train_seconds": time.perf_counter() - t0, "rows": trained["pairs"],
             "cpu_seconds": time.process_time() - c0, **usage.since()}
+
+
+def plain_epoch(pairs: Any, loop: Any, epoch: int) -> dict[str, float]:
+    """One epoch of the plain loop (what ``siamese_core.loop.fit`` does), training steps only."""
+    return timed_epoch(loop, epoch, pairs(epoch))
 
 
 class ProcessUsage:
@@ -203,21 +187,23 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
-def plain_model(cfg: Any) -> tuple[Any, Any]:
-    """The plain loop's model and optimizer, built as the Train worker builds them."""
+def plain_loop(cfg: Any, device: Any = "cpu", model: Any = None) -> Any:
+    """The one training loop with its model and optimizer, built as the Train worker builds them."""
     import torch
 
-    from siamese_core.fit import new_model
     from siamese_core.heap import keep_freed_memory
+    from siamese_core.loop import TrainingLoop, new_model
     from siamese_core.model import place_model
     from siamese_core.optim import build_optimizer
 
     torch.set_num_threads(cfg.training.threads)
     if cfg.training.keep_freed_memory:
         keep_freed_memory()
-    model = place_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), "cpu",
-                        cfg.cluster.channels_last)
-    return model, build_optimizer(model, cfg.optim)
+    if model is None:
+        model = place_model(new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), device,
+                            cfg.cluster.channels_last)
+    optimizer = build_optimizer(getattr(model, "module", model), cfg.optim)
+    return TrainingLoop(cfg.recipe, model, optimizer, device)
 
 
 def print_plain_epoch(label: str, result: dict[str, float]) -> None:
@@ -226,13 +212,13 @@ def print_plain_epoch(label: str, result: dict[str, float]) -> None:
           f"{rows / seconds:.0f} pairs/s", flush=True)
 
 
-def plain_epochs(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, label: str) -> list[dict[str, float]]:
+def plain_epochs(cfg: Any, images: Any, epochs: int, label: str) -> list[dict[str, float]]:
     """The plain single-process loop; per epoch: training seconds and rows (pairs incl. copies)."""
-    model, optimizer = plain_model(cfg)
-    setup = plain_setup(cfg, arrays, n_alphabets)
+    loop = plain_loop(cfg)
+    pairs = plain_setup(cfg, images)
     out = []
     for epoch in range(epochs):
-        out.append(plain_epoch(cfg, setup, model, optimizer, epoch))
+        out.append(plain_epoch(pairs, loop, epoch))
         print_plain_epoch(label, out[-1])
     return out
 
@@ -267,17 +253,16 @@ class Turns:
             time.sleep(self.poll_s)
 
 
-def plain_alternating(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, turn_dir: str,
-                      poll_s: float) -> list[dict[str, float]]:
+def plain_alternating(cfg: Any, images: Any, epochs: int, turn_dir: str, poll_s: float) -> list[dict[str, float]]:
     """:func:`plain_epochs`, each epoch waiting for the Train worker's epoch before it (``--alternate``)."""
     turns = Turns(turn_dir, poll_s=poll_s)
     try:
-        model, optimizer = plain_model(cfg)
-        setup = plain_setup(cfg, arrays, n_alphabets)
+        loop = plain_loop(cfg)
+        pairs = plain_setup(cfg, images)
         out = []
         for epoch in range(epochs):
             turns.wait("pipeline-ready" if epoch == 0 else f"pipeline-{epoch - 1}")
-            out.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
+            out.append({**plain_epoch(pairs, loop, epoch), "side": "plain"})
             print_plain_epoch("alternating", out[-1])
             turns.post(f"plain-{epoch}")
         return out
@@ -286,8 +271,7 @@ def plain_alternating(cfg: Any, arrays: Any, n_alphabets: int, epochs: int, turn
         raise
 
 
-def plain_in_fresh_process(cfg: Any, arrays: Any, n_alphabets: int, epochs: int,
-                           label: str) -> list[dict[str, float]]:
+def plain_in_fresh_process(cfg: Any, images: Any, epochs: int, label: str) -> list[dict[str, float]]:
     """:func:`plain_epochs` in a new process beside the same Ray processes.
 
     Why: ``trainer.fit()`` leaves Ray Data and Train threads in the driver process,
@@ -298,44 +282,54 @@ def plain_in_fresh_process(cfg: Any, arrays: Any, n_alphabets: int, epochs: int,
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(plain_epochs, cfg, arrays, n_alphabets, epochs, label).result()
+        return pool.submit(plain_epochs, cfg, images, epochs, label).result()
 
 
 # --------------------------------------------------------------------------- pipeline loop
 
+class TimedChunks:
+    """The epoch's chunks as the loop pulls them, with the wait for the first and for the later ones."""
+
+    def __init__(self, chunks: Any, started: float) -> None:
+        self.chunks, self.started = iter(chunks), started
+        self.first: float | None = None
+        self.wait = 0.0
+
+    def __iter__(self) -> Any:
+        while True:
+            tw = time.perf_counter()
+            chunk = next(self.chunks, None)
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now - self.started
+            else:
+                self.wait += now - tw
+            if chunk is None:
+                return
+            yield chunk
+
+
 def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """The training half of ``workflows.train.train_loop_per_worker``, instrumented."""
+    """``workflows.train``'s worker without validation or checkpoints: the one loop's epochs, instrumented."""
     import ray.train
     import ray.train.torch
-    import torch
 
-    from siamese_core.fit import new_model
-    from siamese_core.heap import keep_freed_memory
+    from siamese_core.loop import new_model
     from siamese_core.model import place_model
-    from siamese_core.optim import apply_epoch_schedule, build_optimizer
-    from siamese_core.train_step import train_step
     from workflows import config as job_config
-    from workflows.data import expand_copies, iter_steps, worker_stream
-    from workflows.train import _distortion_seed
+    from workflows.data import worker_stream
 
     cfg = job_config.build(loop_config["recipe"], overrides=loop_config["overrides"])
-    torch.set_num_threads(cfg.training.threads)
-    if cfg.training.keep_freed_memory:
-        keep_freed_memory()
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(place_model(
-        new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), device, cfg.cluster.channels_last))
-    optimizer = build_optimizer(model, cfg.optim)
-    distort_cfg = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+    loop = plain_loop(cfg, device, ray.train.torch.prepare_model(place_model(
+        new_model(cfg.model, cfg.training.seed, cfg.training.fan_in_scaled), device, cfg.cluster.channels_last)))
     shard = ray.train.get_dataset_shard("train")
     interleave = loop_config.get("interleave")
     turns = (Turns(loop_config["alternate"]["turn_dir"], poll_s=loop_config["alternate"]["poll_s"])
              if loop_config.get("alternate") else None)
     if interleave:
-        from workflows.evaluate import load_split_arrays
-
-        setup = plain_setup(cfg, load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size),
-                            interleave["n_alphabets"])
+        dataset = loop_config["dataset"]
+        pairs = plain_setup(cfg, dataset.load_images("train", cfg.model.input_size, cfg.model.preprocess))
     look_ahead = bool(turns is not None and loop_config["alternate"].get("look_ahead"))
     if turns is None or look_ahead:
         stream = worker_stream(shard, cfg, loop_config["epoch_clock"])
@@ -344,7 +338,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history: list[dict[str, float]] = []
     for epoch in range(cfg.training.epochs):
         if interleave:
-            history.append({**plain_epoch(cfg, setup, model, optimizer, epoch), "side": "plain"})
+            history.append({**plain_epoch(pairs, loop, epoch), "side": "plain"})
         elif turns is not None:
             turns.wait(f"plain-{epoch}")
         if interleave or (turns is not None and not look_ahead):
@@ -353,29 +347,9 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # would otherwise run during the plain epoch and slow it); its start-up wait is
             # recorded as first_batch_s.
             stream = worker_stream(shard, cfg, loop_config["epoch_clock"], end_epoch=epoch + 1)
-        usage = ProcessUsage()
-        t0, c0 = time.perf_counter(), time.process_time()
-        apply_epoch_schedule(optimizer, cfg.optim, epoch)
-        generator = torch.Generator(device=device).manual_seed(_distortion_seed(cfg.training.seed, epoch, 0))
-        rows, first, wait, step = 0, None, 0.0, 0.0
-        batches = stream.epoch(epoch)
-        while True:
-            tw = time.perf_counter()
-            batch = next(batches, None)
-            now = time.perf_counter()
-            if first is None:
-                first = now - t0
-            else:
-                wait += now - tw
-            if batch is None:
-                break
-            ts = time.perf_counter()
-            expanded = expand_copies(batch["left"], batch["right"], batch["same"], cfg.pairs.distorted_copies)
-            for left, right, same, mask in iter_steps(*expanded, cfg.training.batch_size, generator):
-                train_step(model, optimizer, left, right, same, mask, distort_cfg, generator,
-                           in_batch_negatives=cfg.training.in_batch_negatives)
-                rows += left.shape[0]
-            step += time.perf_counter() - ts
+        t0 = time.perf_counter()
+        chunks = TimedChunks(stream.epoch(epoch), t0)
+        result = timed_epoch(loop, epoch, chunks)
         handover = 0.0
         if look_ahead:
             # As in the job, the next epoch's pass ran during this one's steps; whatever of it is
@@ -386,10 +360,10 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                    "chunks within 600 s; lower --pairs or raise data.prefetch_chunks")
             handover = time.perf_counter() - th
         seconds = time.perf_counter() - t0
-        history.append({"epoch": epoch, "train_seconds": seconds, "rows": rows, "first_batch_s": first,
-                        "handover_wait_s": handover,
-                        "cpu_seconds": time.process_time() - c0, **usage.since(),
-                        "wait_s": wait, "step_s": step, "side": "pipeline", "pid": os.getpid(),
+        first = chunks.first or 0.0
+        history.append({**result, "train_seconds": seconds, "first_batch_s": first, "handover_wait_s": handover,
+                        "wait_s": chunks.wait, "step_s": seconds - first - chunks.wait - handover,
+                        "side": "pipeline", "pid": os.getpid(),
                         "wall_end": time.time(), "wall_start": time.time() - seconds})
         # Ray Train (v2) keeps only checkpointed reports in the Result: hand the figures over in a file.
         Path(loop_config["history_path"]).write_text(json.dumps(history))
@@ -398,7 +372,7 @@ def pipeline_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"epoch": epoch})
 
 
-def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
+def pipeline_epochs(cfg: Any, overrides: dict[str, Any], dataset: Any, storage_dir: str,
                     interleave: dict[str, Any] | None = None,
                     alternate: dict[str, Any] | None = None) -> tuple[list[dict[str, float]], float]:
     import ray.train
@@ -407,20 +381,19 @@ def pipeline_epochs(cfg: Any, overrides: dict[str, Any], storage_dir: str,
     from workflows.data import start_epoch_clock, training_pairs
 
     clock = start_epoch_clock()
-    dataset = training_pairs(cfg.data.uri, cfg.pairs, cfg.model.input_size, cfg.training.seed,
-                             clock=clock, negatives=cfg.training.negatives, num_cpus=cfg.data.pair_stage_cpus,
-                             read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency,
-                             cache_mb=cfg.data.decoded_cache_mb,
-                             shards_per_task=cfg.data.shards_per_task)
+    pairs = training_pairs(dataset, cfg.pairs, cfg.model, cfg.training.seed,
+                           clock=clock, negatives=cfg.training.negatives, num_cpus=cfg.data.pair_stage_cpus,
+                           read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency,
+                           cache_mb=cfg.data.decoded_cache_mb, shards_per_task=cfg.data.shards_per_task)
     trainer = TorchTrainer(
         pipeline_loop_per_worker,
-        train_loop_config={"recipe": "demo", "overrides": overrides, "epoch_clock": clock,
+        train_loop_config={"recipe": "demo", "overrides": overrides, "epoch_clock": clock, "dataset": dataset,
                            "history_path": str(Path(storage_dir) / "history.json"), "interleave": interleave,
                            "alternate": alternate},
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False,
                                                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="bench-pipeline", storage_path=storage_dir),
-        datasets={"train": dataset})
+        datasets={"train": pairs})
     t0 = time.perf_counter()
     result = trainer.fit()
     wall = time.perf_counter() - t0
@@ -527,37 +500,43 @@ def print_cpu_shares(shares: dict[str, Any]) -> None:
                                              for name, cores in shares["top_processes"].items()))
 
 
+def configure(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """The overrides and job configuration (fitted to the data set, as the job does it), and the data set."""
+    from workflows import config as job_config
+    from workflows.shards import DataSet
+    from workflows.train import fit_to_data
+
+    overrides = job_overrides(args)
+    dataset = DataSet.open(overrides["data.uri"])
+    cfg, overrides = fit_to_data(job_config.build("demo", overrides=overrides), overrides, dataset)
+    return overrides, cfg, dataset
+
+
 def overhead(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from workflows import config as job_config
-    from workflows import shards
-    from workflows.evaluate import load_split_arrays
     from workflows.ray_setup import init_ray
 
-    overrides = job_overrides(args)
-    cfg = job_config.build("demo", overrides=overrides)
-    manifest = shards.read_manifest(cfg.data.uri)
-    n_alphabets = int(manifest.splits["train"]["alphabets"])
+    overrides, cfg, dataset = configure(args)
     print(f"== pipeline overhead: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), "
           f"shuffle buffer {cfg.data.shuffle_buffer_pairs} pairs, "
           f"batch {args.batch}, {args.threads} torch threads, {args.epochs} epochs, 1 Train worker, "
           f"decoded-shard cache {cfg.data.decoded_cache_mb:g} MB, "
           f"{os.cpu_count()} cores", flush=True)
     t0 = time.perf_counter()
-    arrays = load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size)
+    images = dataset.load_images("train", cfg.model.input_size, cfg.model.preprocess)
     decode_s = time.perf_counter() - t0
-    print(f"  plain: decoded {len(arrays)} train images once in {decode_s:.1f}s (not timed)", flush=True)
+    print(f"  plain: decoded {len(images)} train images once in {decode_s:.1f}s (not timed)", flush=True)
 
     init_ray()  # first, so both loops run beside the same idle Ray processes
-    before = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "before")
+    before = plain_in_fresh_process(cfg, images, args.epochs, "before")
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
     cpu = CpuShares()
     cpu.start()
     try:
-        pipe, wall = pipeline_epochs(cfg, overrides, storage_dir)
+        pipe, wall = pipeline_epochs(cfg, overrides, dataset, storage_dir)
         cpu.stop.set()
-        after = plain_in_fresh_process(cfg, arrays, n_alphabets, args.epochs, "after")
+        after = plain_in_fresh_process(cfg, images, args.epochs, "after")
     finally:
         cpu.stop.set()
         ray.shutdown()
@@ -620,19 +599,14 @@ def overhead(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def side_by_side_setup(args: argparse.Namespace, label: str, layout: str) -> tuple[dict[str, Any], Any, int]:
-    """The overrides, job configuration and training alphabets of ``--interleave`` / ``--alternate``;
+def side_by_side_setup(args: argparse.Namespace, label: str, layout: str) -> tuple[dict[str, Any], Any, Any]:
+    """The overrides, job configuration and data set of ``--interleave`` / ``--alternate``;
     prints the run's header."""
-    from workflows import config as job_config
-    from workflows import shards
-
-    overrides = job_overrides(args)
-    cfg = job_config.build("demo", overrides=overrides)
-    n_alphabets = int(shards.read_manifest(cfg.data.uri).splits["train"]["alphabets"])
+    overrides, cfg, dataset = configure(args)
     print(f"== {label}: preset {args.preset}, {args.pairs} pairs/epoch x (1 + {args.copies} copies), batch "
           f"{args.batch}, {args.threads} torch threads, {args.epochs} x {layout}, {os.cpu_count()} cores",
           flush=True)
-    return overrides, cfg, n_alphabets
+    return overrides, cfg, dataset
 
 
 def interleaved(args: argparse.Namespace) -> dict[str, Any]:
@@ -647,12 +621,12 @@ def interleaved(args: argparse.Namespace) -> dict[str, Any]:
 
     from workflows.ray_setup import init_ray
 
-    overrides, cfg, n_alphabets = side_by_side_setup(args, "interleaved",
-                                                     "(plain epoch, pipeline epoch) in one Train worker")
+    overrides, cfg, dataset = side_by_side_setup(args, "interleaved",
+                                                 "(plain epoch, pipeline epoch) in one Train worker")
     init_ray()
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
     try:
-        history, _ = pipeline_epochs(cfg, overrides, storage_dir, interleave={"n_alphabets": n_alphabets})
+        history, _ = pipeline_epochs(cfg, overrides, dataset, storage_dir, interleave={"plain": True})
     finally:
         ray.shutdown()
         shutil.rmtree(storage_dir, ignore_errors=True)
@@ -671,22 +645,21 @@ def alternated(args: argparse.Namespace) -> dict[str, Any]:
 
     import ray
 
-    from workflows.evaluate import load_split_arrays
     from workflows.ray_setup import init_ray
 
-    overrides, cfg, n_alphabets = side_by_side_setup(
+    overrides, cfg, dataset = side_by_side_setup(
         args, "alternating", "(plain epoch in its own process, pipeline epoch in the Train worker)")
-    arrays = load_split_arrays(cfg.data.uri, "train", size=cfg.model.input_size)
+    images = dataset.load_images("train", cfg.model.input_size, cfg.model.preprocess)
     init_ray()
     storage_dir = tempfile.mkdtemp(prefix="bench-pipeline-")
     turns = Turns(str(Path(storage_dir) / "turns"))
     turns.directory.mkdir()
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            plain_side = pool.submit(plain_alternating, cfg, arrays, n_alphabets, args.epochs, str(turns.directory),
+            plain_side = pool.submit(plain_alternating, cfg, images, args.epochs, str(turns.directory),
                                      args.turn_poll_ms / 1000)
             try:
-                pipe, _ = pipeline_epochs(cfg, overrides, storage_dir, alternate={
+                pipe, _ = pipeline_epochs(cfg, overrides, dataset, storage_dir, alternate={
                     "turn_dir": str(turns.directory), "look_ahead": args.look_ahead,
                     "poll_s": args.turn_poll_ms / 1000})
             except BaseException:
@@ -761,48 +734,47 @@ def side_by_side(args: argparse.Namespace, history: list[dict[str, Any]], label:
 # --------------------------------------------------------------------------- memory
 
 def write_synthetic(source_uri: str, dest: Path, copies: int) -> int:
-    """``copies`` x the training split as shards (one per synthetic alphabet) + a valid manifest."""
+    """``copies`` x the training split as shards (one per synthetic group) + a valid manifest."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from workflows import shards
 
-    table = shards.load_split_table(source_uri, "train")
-    alphabets = sorted(set(table.column("alphabet").to_pylist()))
+    source = shards.DataSet.open(source_uri)
+    table = source.read_table("train", source.columns())
+    groups = sorted(set(table.column("group").to_pylist()))
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "train").mkdir(parents=True)
     entries = []
     for k in range(copies):
-        for a_i, name in enumerate(alphabets):
-            part = table.filter(pa.compute.equal(table.column("alphabet"), name))
-            alpha = f"syn{k:03d}_{name}"
-            cols = {c: part.column(c) for c in shards.COLUMNS}
-            cols["alphabet"] = pa.array([alpha] * part.num_rows, pa.string())
-            cols["image_id"] = pa.array([f"syn{k:03d}/{i}" for i in part.column("image_id").to_pylist()],
-                                        pa.string())
-            cols["character"] = pa.compute.add(part.column("character"), pa.scalar(k * 10_000, pa.int32()))
-            shard = pa.table([cols[c] for c in shards.COLUMNS], schema=shards.SCHEMA)
-            rel = f"train/syn-{k:03d}-{a_i:02d}.parquet"
-            pq.write_table(shard, dest / rel, compression="snappy")
-            entries.append({"path": rel, "split": "train", "rows": shard.num_rows,
-                            "characters": len(set(cols["character"].to_pylist())), "alphabets": [alpha]})
+        for g_i, name in enumerate(groups):
+            part = table.filter(pc.equal(table.column("group"), name))
+            group = f"syn{k:03d}_{name}"
+            part = part.set_column(part.schema.get_field_index("group"), "group",
+                                   pa.array([group] * part.num_rows, pa.string()))
+            part = part.set_column(part.schema.get_field_index("label"), "label",
+                                   pa.array([f"syn{k:03d}_{x}" for x in part.column("label").to_pylist()]))
+            part = part.set_column(part.schema.get_field_index("image_id"), "image_id",
+                                   pa.array([f"syn{k:03d}/{x}" for x in part.column("image_id").to_pylist()]))
+            rel = f"train/syn-{k:03d}-{g_i:02d}.parquet"
+            pq.write_table(part, dest / rel, compression="snappy")
+            entries.append({"path": rel, "split": "train", "rows": part.num_rows,
+                            "classes": len(set(part.column("label").to_pylist())), "groups": [group]})
     images = sum(e["rows"] for e in entries)
-    empty = {"images": 0, "characters": 0, "alphabets": 0, "alphabet_names": []}
-    manifest = {
-        "format": shards.FORMAT, "format_version": shards.FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"synthetic": f"{copies} x the train split of {source_uri}"},
-        "content_checksum": "sha256:" + "0" * 64,
-        "counts": {"images": images, "characters": sum(e["characters"] for e in entries),
-                   "alphabets": len(entries), "archives": {}},
-        "splits": {"train": {"images": images, "characters": sum(e["characters"] for e in entries),
-                             "alphabets": len(entries), "alphabet_names": [e["alphabets"][0] for e in entries]},
-                   "validation": empty, "test": empty},
-        "shards": entries, "columns": list(shards.COLUMNS), "subset": True,
-    }
+    empty = {"images": 0, "classes": 0, "groups": 0}
+    manifest = {**{k: v for k, v in source.manifest.to_json().items()}, "name": "synthetic",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source": {"synthetic": f"{copies} x the train split of {source_uri}"},
+                "content_checksum": "sha256:" + "0" * 64, "listing_checksum": "sha256:" + "0" * 64,
+                "counts": {"images": images, "classes": sum(e["classes"] for e in entries), "groups": len(entries)},
+                "splits": {"train": {"images": images, "classes": sum(e["classes"] for e in entries),
+                                     "groups": len(entries), "group_names": [e["groups"][0] for e in entries]},
+                           "validation": empty, "test": empty},
+                "shards": entries}
     (dest / shards.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    shards.read_manifest(str(dest))  # validates
+    shards.DataSet.open(str(dest))  # validates
     return images
 
 
@@ -869,9 +841,10 @@ def object_store_used() -> int:
 
 def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
     from workflows.data import training_pairs
+    from workflows.shards import DataSet
 
     pair_cfg = dataclasses.replace(cfg.pairs, pairs_per_epoch=pairs)
-    ds = training_pairs(uri, pair_cfg, cfg.model.input_size, cfg.training.seed,
+    ds = training_pairs(DataSet.open(uri), pair_cfg, cfg.model, cfg.training.seed,
                         num_cpus=cfg.data.pair_stage_cpus, read_cpus=cfg.data.read_cpus,
                         concurrency=cfg.data.pair_stage_concurrency, cache_mb=cfg.data.decoded_cache_mb,
                         shards_per_task=cfg.data.shards_per_task)
@@ -898,10 +871,9 @@ def stream_once(uri: str, cfg: Any, pairs: int) -> dict[str, Any]:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
-    from workflows import config as job_config
     from workflows.ray_setup import init_ray
 
-    cfg = job_config.build("demo", overrides=job_overrides(args))
+    _, cfg, _ = configure(args)
     root = Path(args.tmp)
     print(f"== pair-stage memory: synthetic shards under {root}, 1x vs {args.scale}x the train split; "
           f"{args.pairs} pairs per 1x and epoch, 2 epochs (same pairs per shard at every scale); decoded-shard "

@@ -1,10 +1,10 @@
-"""Score trained checkpoints with several test-time view sets on the same 1,600 validation trials.
+"""Score trained checkpoints with several test-time view sets on the same wide validation trials.
 
 Why: test-time views cost nothing in training, so the way to choose them is to
 score the same weights on the same trials with each candidate and compare the
 figures pairwise (a checkpoint's own noise cancels). The trials are
-``cpu_demo_search.py``'s (``WIDE_VALIDATION``, seed ``VALIDATION_SEED``), so the
-figures line up with its ``val_oneshot_1600``.
+``recipe_search.py``'s wide validation (1,600 on Omniglot, seed ``VALIDATION_SEED``),
+so the figures line up with its ``val_oneshot_wide``.
 
     .venv/bin/python benchmarks/compare_views.py runs/demo-*/      # the best checkpoint of each run
     .venv/bin/python benchmarks/compare_views.py runs/demo-X/checkpoint_... --views cross:3 square:2
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_demo_search import DEFAULT_SOURCE, WIDE_VALIDATION, load  # noqa: E402
+from recipe_search import DEFAULT_SOURCE, load, wide_validation  # noqa: E402
 
 from siamese_core.checkpoint import load_model  # noqa: E402
-from siamese_core.config import TEST_TIME_VIEWS  # noqa: E402
-from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, oneshot_trials  # noqa: E402
+from siamese_core.config import TEST_TIME_VIEWS, TrainingRecipe  # noqa: E402
+from siamese_core.evaluation import VALIDATION_SEED, episodes, evaluate_oneshot  # noqa: E402
 from siamese_core.model import shift_offsets, with_test_time_shift  # noqa: E402
 
 DEFAULT_VIEWS = ("cross:0", "cross:3", "square:2", "square:3")
@@ -64,8 +64,9 @@ def main() -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="checkpoint folders, or run folders (their best)")
     parser.add_argument("--views", nargs="+", type=parse_views, default=[parse_views(v) for v in DEFAULT_VIEWS],
                         metavar="PATTERN:N", help=f"view sets to compare (default: {' '.join(DEFAULT_VIEWS)})")
+    parser.add_argument("--data", default=None, help="a data set written by workflows.ingest (default: --source)")
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="folder with the Omniglot zips")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded splits as .npz (as cpu_demo_search)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded splits as .npz (as recipe_search)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -74,11 +75,13 @@ def main() -> None:
     names = [f"{pattern}:{shift}" for pattern, shift in args.views]
     checkpoints = [best_checkpoint_dir(p) for p in args.paths]
     models = [load_model(c) for c in checkpoints]
-    sizes = {m.config.input_size for m in models}
-    if len(sizes) != 1:
-        raise SystemExit(f"error: the checkpoints want different input sizes {sorted(sizes)}; compare one size at a time")
-    val = load(args.source, "validation", sizes.pop(), args.cache_dir)
-    trials = oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED)
+    configs = {(m.config.input_size, m.config.preprocess) for m in models}
+    if len(configs) != 1:
+        raise SystemExit("error: the checkpoints want different input sizes or preprocessing; compare one at a time")
+    recipe = TrainingRecipe(model=models[0].config)
+    val, _ = load(args.data, None if args.data else args.source, "validation", recipe, args.cache_dir)
+    trials = episodes(val, wide_validation(recipe.evaluation, val.group is not None), VALIDATION_SEED,
+                      validation=False)
     print(f"{len(checkpoints)} checkpoint(s), {sum(len(r.queries) for r in trials)} validation trials; "
           + ", ".join(f"{n} = {len(shift_offsets(s, p))} views" for n, (p, s) in zip(names, args.views)), flush=True)
 
@@ -96,7 +99,8 @@ def main() -> None:
         print(f"{n} - {names[0]}: mean {np.mean(d):+.2%}, per checkpoint " + " ".join(f"{x:+.2%}" for x in d))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"trials": "WIDE_VALIDATION (1,600)", "views": names,
+        args.json.write_text(json.dumps({"trials": f"wide validation ({sum(len(r.queries) for r in trials)})",
+                                         "views": names,
                                          "checkpoints": table, "mean": means}, indent=1) + "\n")
 
 

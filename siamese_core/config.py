@@ -492,6 +492,8 @@ class TrainingConfig:
     in_batch_negatives: float = 0.0
     """Weight of the extra loss term on every other pairing of a batch's images, labelled
     "different" (``train_step.in_batch_negative_pairings``); 0 is the paper's loss."""
+    compile: bool = False
+    """``torch.compile`` the network for training (GPU: fewer kernel launches; its first steps compile)."""
     validation_views: str = "model"
     """Views of the per-epoch validation one-shot trials that early stopping and model
     selection read: "model" (the model's test-time views) or "single" (one view per image,
@@ -551,8 +553,22 @@ PAPER_RECIPE = TrainingRecipe(model=MODEL_PRESETS["koch"],
                               pairs=PairConfig(sources=tuple(f"{d:02d}" for d in range(1, 13))))
 """Koch's network, schedule and pairs: 12 of Omniglot's 20 drawers (sources), 8 distorted copies."""
 
+PAPER_GPU_RECIPE = TrainingRecipe(
+    model=MODEL_PRESETS["koch"],
+    optim=OptimizerConfig(lr=0.02, lr_multipliers={"fc": 3.0, "head": 3.0}, momentum=0.9, momentum_ramp_epochs=5,
+                          weight_decay=2e-4, lr_decay=0.97),
+    pairs=PairConfig(pairs_per_epoch=30_000, distorted_copies=3),
+    training=TrainingConfig(epochs=200, patience=20, batch_size=256, seed=0, time_budget_s=480.0,
+                            in_batch_negatives=1.0, validation_views="single"),
+)
+"""The paper's network and method for one GPU in 8 minutes: Koch's twin net, weighted-L1 head and
+cross-entropy on distorted pairs, with the CPU demo's lessons (a larger batch of fresh pairs from
+every source, faster fc and head, in-batch negatives). ``benchmarks/gpu_paper.py`` trains and scores
+it; its measured figures, when a GPU was at hand, are in benchmarks/RESULTS.md."""
+
 RECIPES: dict[str, TrainingRecipe] = {
     "demo": DEMO_DEFAULTS,
     "paper": PAPER_RECIPE,
+    "paper-gpu": PAPER_GPU_RECIPE,
 }
 """Named starting points: the CPU demo and the paper's network and schedule."""

@@ -171,9 +171,10 @@ class TrainingLoop:
                  mean_across_ranks: Callable[[float], float] = lambda x: x,
                  from_rank0: Callable[[dict[str, Any]], dict[str, Any]] = lambda x: x,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        if rank == 0 and validator is None:
-            raise ValueError("rank 0 validates every epoch: give it a Validator")
-        self.recipe, self.model, self.optimizer = recipe, model, optimizer
+        self.recipe, self.optimizer = recipe, optimizer
+        # The compiled module shares the network's parameters: the optimizer, checkpoints and the
+        # validator keep using the network itself (``net``).
+        self.model = torch.compile(model) if recipe.training.compile else model
         self.device = torch.device(device)
         self.validator, self.rank, self.world = validator, rank, world
         self.autocast_dtype = autocast_dtype
@@ -181,7 +182,8 @@ class TrainingLoop:
 
     @property
     def net(self) -> SiameseNet:
-        return getattr(self.model, "module", self.model)  # the network inside DistributedDataParallel
+        model = getattr(self.model, "_orig_mod", self.model)  # the network inside torch.compile's wrapper
+        return getattr(model, "module", model)  # ... and inside DistributedDataParallel
 
     def train_epoch(self, epoch: int, chunks: Iterable[Chunk]) -> dict[str, Any]:
         """One epoch's steps over the chunks; the loss is read once, at the end."""
@@ -213,6 +215,8 @@ class TrainingLoop:
         no epoch starts that the last epochs' pace says would end past it.
         """
         cfg = self.recipe.training
+        if self.rank == 0 and self.validator is None:
+            raise ValueError("rank 0 validates every epoch: give the loop a Validator")
         state = state or LoopState()
         state.stopper = state.stopper or EarlyStopping(cfg.patience)
         resumed_at = state.elapsed_s
@@ -267,7 +271,8 @@ class MemoryPairs:
 
     def __init__(self, images: LabelledImages, recipe: TrainingRecipe, chunk_pairs: int = 2048,
                  device: torch.device | str = "cpu") -> None:
-        self.recipe, self.chunk_pairs = recipe, chunk_pairs
+        # As the Ray stream does (iter_torch_batches of at least one batch), so the two chunk alike.
+        self.recipe, self.chunk_pairs = recipe, max(chunk_pairs, recipe.training.batch_size)
         pairs = recipe.pairs
         self.pixels = torch.from_numpy(np.ascontiguousarray(images.images)).to(device)
         self.class_keys = torch.from_numpy(name_keys(np.asarray(images.classes, dtype=object)[images.label]))

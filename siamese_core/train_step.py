@@ -41,24 +41,31 @@ PairKeys = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 shipped by the pair stage beside the pixels (``siamese_core.pairs.name_keys``)."""
 
 
-def in_batch_negative_pairings(keys: PairKeys) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs ``(i, j)``, ``i < j``, into the batch's ``2B`` images (left then right) that can be
-    trained as "different" pairs.
+_PAIRINGS: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def in_batch_negative_pairings(keys: PairKeys) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pairing ``(i, j)``, ``i < j``, of the batch's ``2B`` images (left then right), and which of
+    them can be trained as "different" pairs (a bool mask).
 
     Why: one batched twin pass embeds ``2B`` images, but the paper's loss uses only ``B`` of
     their ``B(2B-1)`` pairings; the head is cheap, so scoring the others as negatives adds
-    training signal at little cost. Only pairings of two different classes are kept (the
-    classes are known from the keys, so two images of one class in one batch are never
-    trained as "different"), and not those within one pair or between two rows holding the
-    same pair (a pair and its distorted copies).
+    training signal at little cost. Kept are pairings of two different classes (the classes
+    are known from the keys, so two images of one class in one batch are never trained as
+    "different"), and not those within one pair or between two rows holding the same pair (a
+    pair and its distorted copies). A mask rather than the kept pairings themselves: every
+    batch has the same pairings, so nothing waits for the device to count them.
     """
     left_class, right_class, left_image, right_image = keys
     b = left_class.shape[0]
+    key = (b, str(left_class.device))
+    if key not in _PAIRINGS:
+        _PAIRINGS[key] = tuple(torch.triu_indices(2 * b, 2 * b, offset=1, device=left_class.device))  # type: ignore[assignment]
+    i, j = _PAIRINGS[key]
     image_class = torch.cat([left_class, right_class])
     pair_key = left_image * 1_000_003 + right_image  # may wrap around; still equal for equal pairs
-    i, j = torch.triu_indices(2 * b, 2 * b, offset=1, device=image_class.device)
     keep = (pair_key[i % b] != pair_key[j % b]) & (image_class[i] != image_class[j])
-    return i[keep], j[keep]
+    return i, j, keep
 
 
 def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.Tensor,
@@ -87,10 +94,11 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     model.train()
     left, right = to_model_input(left, device), to_model_input(right, device)
     target = same.to(device, non_blocking=True).float().view(-1)
-    pairings = None
+    pairings = keep = None
     if in_batch_negatives > 0:
         assert keys is not None
-        pairings = in_batch_negative_pairings(tuple(k.to(device, non_blocking=True) for k in keys))  # type: ignore[arg-type]
+        i, j, keep = in_batch_negative_pairings(tuple(k.to(device, non_blocking=True) for k in keys))  # type: ignore[arg-type]
+        pairings = (i, j)
     if distort_cfg is not None:
         left = distort(left, distort_cfg, generator, mask=distort_mask)
         right = distort(right, distort_cfg, generator, mask=distort_mask)
@@ -101,9 +109,10 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
             logits, others = model(left, right, pairings)
     loss = F.binary_cross_entropy_with_logits(logits.float(), target)
     total = loss
-    if others is not None and others.numel():
-        total = loss + in_batch_negatives * F.binary_cross_entropy_with_logits(
-            others.float(), torch.zeros_like(others, dtype=torch.float32))
+    if others is not None and keep is not None:
+        weight = keep.float()
+        per_pairing = F.binary_cross_entropy_with_logits(others.float(), torch.zeros_like(weight), reduction="none")
+        total = loss + in_batch_negatives * (per_pairing * weight).sum() / weight.sum().clamp_min(1.0)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,54 +14,58 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_bench_quick_on_cpu(tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
+def test_gpu_paper_runs_every_part_in_its_dry_run(omniglot_dir: Path, tmp_path: Path) -> None:
+    """The prepared GPU check, scaled down on CPU: step, loop, feed, training with its time log, test once."""
+    out = tmp_path / "gpu_paper.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--quick",
-         "--threads", "1", "--source", "synthetic", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_paper.py"), "--dry-run", "--device", "cpu",
+         "--source", str(omniglot_dir), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     steps = [l for l in lines if l.startswith("step ")]
-    assert {tuple(l.split(":")[0].split()[1:]) for l in steps} == {
-        ("fp32", "contiguous"), ("fp32", "channels_last"), ("bf16", "contiguous"), ("bf16", "channels_last")}
-    for line in steps:
-        assert re.fullmatch(r"step (fp32|bf16) (contiguous|channels_last): \d+ pairs/s \([\d.]+ ms/step\)", line)
-    assert any(re.match(r"data: \d+ pairs/s per core \(\d+ training pairs/s per core with 8 copies\)", l)
-               for l in lines), proc.stdout
-    assert any(re.match(r"feed: best step \S+ \S+ \d+ pairs/s needs [\d.]+ CPU cores", l) for l in lines), proc.stdout
+    assert len(steps) == 3 and all(re.search(r": \d+ rows/s, [\d.]+ ms/step, [\d.]+ TFLOP/s", l) for l in steps)
+    assert any(re.match(r"loop: \d+ rows in [\d.]+s = \d+ rows/s, [\d.]+ of its own step", l) for l in lines)
+    assert any(re.match(r"feed: .* needs [\d.]+ cores of pair stage", l) for l in lines)
     figures = json.loads(out.read_text())
-    assert figures["preset"] == "cpu-small" and len(figures["steps"]) == 4
-    assert figures["data"]["pairs"] > 0 and figures["cores_needed"] > 0
+    for key in ("device", "torch", "step_rows_per_s", "loop_rows_per_s", "mfu", "train_seconds",
+                "val_oneshot_accuracy", "test_oneshot_accuracy", "recipe"):
+        assert key in figures, key
+    assert figures["recipe"] == "paper-gpu" and figures["dry_run"] is True
+    assert figures["test_trials"] == 80 and 0.0 <= figures["test_oneshot_accuracy"] <= 1.0
+    # the time-to-accuracy log: one point per epoch, in wall-clock order
+    times = [t for t, _ in figures["time_to_accuracy"]]
+    assert len(times) == figures["epochs"] >= 1 and times == sorted(times)
+    # the FLOPs are counted from the layers: the koch network's are about 11 GFLOP per training row
+    from siamese_core.config import MODEL_PRESETS
+    from siamese_core.model import training_flops_per_pair
+
+    assert 10.8e9 < training_flops_per_pair(MODEL_PRESETS["koch"]) < 11.0e9
 
 
-def test_gpu_bench_imports_no_ray() -> None:
+def test_gpu_paper_imports_no_ray() -> None:
     """It must run on a bare GPU machine: no Ray, MLflow or workflows imports."""
-    code = ("import sys, runpy; sys.argv = ['gpu_bench.py', '--help']\n"
+    code = ("import sys, runpy; sys.argv = ['gpu_paper.py', '--help']\n"
             "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'workflows')]\n"
-            "assert not bad, bad\n") % str(ROOT / "benchmarks" / "gpu_bench.py")
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'workflows', 'pyarrow')]\n"
+            "assert not bad, bad\n") % str(ROOT / "benchmarks" / "gpu_paper.py")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_gpu_session_script_parses_and_its_variants_are_valid_recipes() -> None:
-    """A device lease is short: the prepared script must not fail on a typo in a variant."""
-    from siamese_core.config import DEMO_DEFAULTS, apply_overrides
-
-    script = ROOT / "benchmarks" / "gpu_session.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    listing = subprocess.run(
-        ["bash", "-c", f'source <(sed -n "/^FIXED=/,/^if/p" {script}); echo "$FIXED"; '
-                       'for v in "${VARIANTS[@]}" "${ADAM_VARIANTS[@]}"; do echo "$v"; done'],
-        capture_output=True, text=True, check=True).stdout.splitlines()
-    fixed, variants = listing[0], listing[1:]
-    assert len(variants) >= 2 and variants[0].startswith("base|")
-    for line in variants:
-        tag, epochs, extra = line.split("|")
-        overrides = dict(kv.split("=", 1) for kv in f"{fixed} training.epochs={epochs} {extra}".split())
-        recipe = apply_overrides(DEMO_DEFAULTS, overrides)  # raises ConfigError on a bad key or value
-        assert recipe.training.epochs == int(epochs), tag
+@pytest.mark.integration
+def test_recipe_search_trains_and_scores_on_ingested_shards(small_shards: str, tmp_path: Path) -> None:
+    results = tmp_path / "search.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recipe_search.py"), "--data", small_shards, "--test",
+         "--set", "training.epochs=1", "pairs.pairs_per_epoch=256", "training.threads=1", "--tag", "smoke",
+         "--results", str(results)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["tag"] == "smoke" and row["epochs_run"] == 1 and row["test_trials"] == 80
+    assert row["wide_trials"] == 2 * 8 * 20  # 2 validation alphabets x 8 runs x 20 queries
+    assert 0.0 <= row["val_pixel_nn_wide"] <= 1.0 and 0.0 <= row["test_pixel_nn"] <= 1.0
+    assert row["recipe"]["model"]["preprocess"]["invert"] is True  # the data set's preprocessing, resolved
 
 
 def test_layout_comparison_prints_both_rates_and_their_ratio() -> None:
@@ -104,12 +109,16 @@ def test_compare_views_scores_each_checkpoint_with_each_view_set(omniglot_dir: P
     assert any(line.startswith("square:1 - cross:0: mean ") for line in proc.stdout.splitlines())
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from cpu_demo_search import WIDE_VALIDATION, load
-    from siamese_core.fit import VALIDATION_SEED, evaluate_oneshot, oneshot_trials
+    from recipe_search import load, wide_validation
+
+    from siamese_core.config import TrainingRecipe
+    from siamese_core.evaluation import VALIDATION_SEED, episodes, evaluate_oneshot
 
     torch.set_num_threads(1)
-    val = load(omniglot_dir, "validation", 35, None)
-    trials = oneshot_trials(val, WIDE_VALIDATION, VALIDATION_SEED)
+    recipe = TrainingRecipe(model=nets["checkpoint_b"].config)
+    val, _ = load(None, omniglot_dir, "validation", recipe, None)
+    trials = episodes(val, wide_validation(recipe.evaluation, True), VALIDATION_SEED, validation=False)
+    assert sum(len(r.queries) for r in trials) == 1600
     best = nets["checkpoint_b"]
     assert table[str(run / "checkpoint_b")]["cross:0"] == evaluate_oneshot(with_test_time_shift(best, 0), val, trials).accuracy
     assert table[str(run / "checkpoint_b")]["square:1"] == evaluate_oneshot(with_test_time_shift(best, 1), val, trials).accuracy

@@ -11,6 +11,7 @@ from siamese_core import checkpoint as ckpt_io
 from siamese_core.config import ConfigError
 from workflows import config as job_config
 from workflows import train
+from workflows.shards import DataSet
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +68,21 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     best = max(history, key=lambda m: (m.value, -m.step))
     assert summary["best_epoch"] == best.step
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "oneshot")}
-    assert {"oneshot/test_trials.png", "oneshot/test_per_alphabet.png", "oneshot/test.json"} <= artifacts
+    assert {"oneshot/test_trials.png", "oneshot/test_per_group.png", "oneshot/test.json"} <= artifacts
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # MLflow knows the data: an input of the run, with the manifest's checksum as digest
+    [data_input] = run.inputs.dataset_inputs
+    manifest = DataSet.open(cfg.data.uri).manifest
+    assert data_input.dataset.name == "omniglot"
+    assert data_input.dataset.digest == manifest.content_checksum.split(":")[1][:16]
+    assert run.data.tags["data.uri"] == cfg.data.uri
+    # the description states the data, the recipe and the headline figure beside its baseline
+    note = run.data.tags["mlflow.note.content"]
+    assert "omniglot" in note and "`demo`" in note and f"{summary['test_accuracy']:.2%}" in note
+    assert f"{summary['test_pixel_nn_accuracy']:.2%}" in note
+    assert run.data.metrics["test_pixel_nn_accuracy"] == pytest.approx(summary["test_pixel_nn_accuracy"])
+    # the preprocessing the data set asked for is in the run's config, resolved
+    assert run.data.params["model.preprocess.color"] == "gray" and run.data.params["model.preprocess.invert"] == "True"
 
 
 def test_registered_model_is_the_best_checkpoint(trained) -> None:
@@ -106,16 +120,91 @@ def test_a_rerun_with_the_seed_trains_the_same_weights_on_two_workers(trained, s
 def test_epochs_are_selected_on_single_view_validation(trained, small_shards) -> None:
     """The demo selects epochs on one view (training.validation_views=single): the best
     checkpoint's logged validation accuracy is its one-view score, not its 13-view one."""
-    from siamese_core.fit import evaluate_oneshot, oneshot_trials
+    from siamese_core.evaluation import VALIDATION_SEED, episodes, evaluate_oneshot
     from siamese_core.model import place_model, with_test_time_shift
-    from workflows.evaluate import load_split_arrays
 
     summary, cfg, _ = trained
     model = place_model(ckpt_io.load_model(summary["checkpoint"]), "cpu", cfg.cluster.channels_last)
-    arrays = load_split_arrays(small_shards, "validation", size=cfg.model.input_size)
-    runs = oneshot_trials(arrays)
-    one_view = evaluate_oneshot(with_test_time_shift(model, 0), arrays, runs).accuracy
+    images = DataSet.open(small_shards).load_images("validation", cfg.model.input_size, model.config.preprocess)
+    runs = episodes(images, cfg.evaluation, VALIDATION_SEED, validation=True)
+    one_view = evaluate_oneshot(with_test_time_shift(model, 0), images, runs).accuracy
     assert summary["best_val_oneshot_accuracy"] == pytest.approx(one_view, abs=1e-9)
+
+
+def test_the_ray_job_and_the_plain_loop_train_the_same_epochs(small_shards, tmp_path, monkeypatch) -> None:
+    """One loop: with one worker, the Ray Train job (pairs streamed by Ray Data) and ``siamese_core.loop.fit``
+    (pairs drawn in this process) log the same losses and validation scores, epoch for epoch; and the
+    driver reads the data set's manifest once, whatever asks for it."""
+    from siamese_core.loop import fit
+    from workflows import shards
+
+    reads = []
+    original = shards.read_manifest_at
+    monkeypatch.setattr(shards, "read_manifest_at", lambda loc: (reads.append(loc.uri), original(loc))[1])
+    overrides = _overrides(small_shards, tmp_path, **{"cluster.workers": "1", "cluster.name": "one"})
+    cfg = job_config.build("demo", overrides=overrides)
+    summary = train.run(cfg, "demo", overrides)
+    assert reads == [small_shards]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    logged = {k: [m.value for m in sorted(client.get_metric_history(summary["run_id"], k), key=lambda m: m.step)]
+              for k in ("train_loss", "val_verification_accuracy", "val_oneshot_accuracy", "steps")}
+    resolved, _ = train.fit_to_data(cfg, overrides, DataSet.open(small_shards))
+    dataset = DataSet.open(small_shards)
+    images = {s: dataset.load_images(s, resolved.model.input_size, resolved.model.preprocess)
+              for s in ("train", "validation")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(resolved.training.threads or 1)  # the worker's
+    try:
+        plain = fit(resolved.recipe, images["train"], images["validation"], log=None,
+                    chunk_pairs=resolved.data.chunk_pairs)
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("train_loss", "val_verification_accuracy", "val_oneshot_accuracy", "steps"):
+        assert [row[key] for row in plain.history] == logged[key], key
+
+
+def test_a_colour_data_set_trains_on_two_workers_and_predicts(ray_cluster, tmp_path) -> None:
+    """Own images end to end: a folder of RGB photographs (synthetic colour patterns) -> ingest ->
+    Ray Train with 2 workers -> a registered model whose preprocessing predict uses."""
+    import numpy as np
+    from PIL import Image
+
+    from workflows import ingest, predict
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(30):
+        colour = rng.integers(40, 255, 3)
+        (root / f"thing{c:02d}").mkdir(parents=True)
+        for k in range(4):
+            pixels = np.clip(colour + rng.normal(0, 25, (20 + k, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").save(root / f"thing{c:02d}" / f"{k}.jpg", quality=90)
+    dest = tmp_path / "shards"
+    ingest.ingest(str(root), str(dest), log=lambda _m: None)
+    overrides = {"data.uri": str(dest), "cluster.storage_path": str(tmp_path / "runs"), "cluster.name": "rgb",
+                 "cluster.workers": "2", "training.epochs": "2", "training.threads": "1",
+                 "pairs.pairs_per_epoch": "256", "training.batch_size": "32",
+                 "tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", "tracking.experiment": "rgb",
+                 "tracking.registered_model": "rgb-model"}
+    cfg = job_config.build("demo", overrides=overrides)
+    summary = train.run(cfg, "demo", overrides)
+    assert summary["data"] == "photos" and summary["test_trials"] > 0
+    assert "over the test split's" in summary["protocol"]  # no groups: episodes over the split's classes
+    model = ckpt_io.load_model(summary["checkpoint"])
+    assert model.conv1.in_channels == 3 and model.config.preprocess.color == "rgb"
+    assert model.config.preprocess.fit == "pad" and len(model.config.preprocess.mean) == 3  # the data set's
+    support, query = tmp_path / "support", tmp_path / "query"
+    support.mkdir()
+    query.mkdir()
+    for c in (0, 1, 2):
+        (support / f"thing{c:02d}.jpg").write_bytes((root / f"thing{c:02d}" / "0.jpg").read_bytes())
+        (query / f"q{c}.jpg").write_bytes((root / f"thing{c:02d}" / "1.jpg").read_bytes())
+    out = tmp_path / "predictions.csv"
+    assert predict.main(["--model", "models:/rgb-model/1", "--tracking-uri", overrides["tracking.uri"],
+                         "--support", str(support), "--query", str(query), "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "query,predicted,score" and len(out.read_text().splitlines()) == 4
 
 
 def test_checkpoints_rank_by_accuracy_with_ties_to_the_earlier_epoch() -> None:
@@ -132,7 +221,7 @@ def test_missing_data_fails_before_ray(tmp_path: Path) -> None:
     cfg = job_config.build("demo", overrides={"data.uri": str(tmp_path / "nothing"),
                                               "tracking.uri": f"sqlite:///{tmp_path}/m.db"})
     with pytest.raises(DatasetError, match="nothing"):
-        train.preflight(cfg)
+        train.preflight(cfg, {})
 
 
 def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray_cluster) -> None:
@@ -145,7 +234,7 @@ def test_too_few_pairs_for_one_step_is_refused(tmp_path: Path) -> None:
     cfg = job_config.build("demo", overrides={"pairs.pairs_per_epoch": "200", "cluster.workers": "2",
                                               "training.batch_size": "128"})
     with pytest.raises(ConfigError, match="no training step"):
-        train.preflight(cfg)
+        train.preflight(cfg, {})
 
 
 def test_unknown_key_exits_2_with_message(capsys) -> None:

@@ -167,8 +167,9 @@ def test_in_batch_pairings_skip_own_pair_copies_and_images_of_one_class() -> Non
     pair = [0, 1, 0, 3, 4]  # rows 0 and 2 hold the same pair
     expected = {(i, j) for i in range(2 * b) for j in range(i + 1, 2 * b)
                 if pair[i % b] != pair[j % b] and image_class[ids[i]] != image_class[ids[j]]}
-    i, j = in_batch_negative_pairings(keys)
-    got = set(zip(i.tolist(), j.tolist()))
+    i, j, keep = in_batch_negative_pairings(keys)
+    assert len(i) == 2 * b * (2 * b - 1) // 2  # every pairing, the same for every batch of this size
+    got = set(zip(i[keep].tolist(), j[keep].tolist()))
     assert got == expected
     assert (1, 9) not in got  # image 2 appears in rows 1 and 4: never "different" from itself
     assert (0, 4) not in got  # images 0 and 6: two images of one class, never "different"
@@ -178,7 +179,8 @@ def test_in_batch_pairings_skip_own_pair_copies_and_images_of_one_class() -> Non
 def test_forward_scores_extra_pairings_like_the_head() -> None:
     model = build_model(TINY, seed=0)
     left, right, _ = separable_pairs(6, TINY.input_size, seed=9)
-    i, j = in_batch_negative_pairings(_distinct_keys(6))
+    i, j, keep = in_batch_negative_pairings(_distinct_keys(6))
+    i, j = i[keep], j[keep]
     logits, others = model(left, right, (i, j))
     h = model.embed(torch.cat([left, right]))
     assert torch.allclose(logits, model(left, right), atol=1e-6)
