@@ -170,7 +170,7 @@ def assign(values: np.ndarray, solver: Solver = "scipy") -> np.ndarray:
             import lap  # optional: see benchmarks/bench_assignment.py
         except ImportError as err:
             raise ImportError("solver='lap' needs the optional package lap (pip install lap)") from err
-        _, x, _ = lap.lapjv(-values, extend_cost=False)[:3]
+        x, _ = lap.lapjv(-values, extend_cost=False, return_cost=False)  # lapjv minimises
         return np.asarray(x, dtype=np.int64)
     raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
 
