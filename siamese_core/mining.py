@@ -217,7 +217,7 @@ def _block_scorer(scores: Scores, n: int) -> ScoreBlock:
             return full[np.ix_(rows, cols)]
 
     def checked(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        block = np.asarray(fn(rows, cols), dtype=np.float64)
+        block = np.array(fn(rows, cols), dtype=np.float64)  # a copy: the caller's array is never written
         if block.shape != (rows.size, cols.size):
             raise ValueError(f"score_block returned shape {block.shape} for {rows.size} rows "
                              f"and {cols.size} cols")
@@ -241,8 +241,9 @@ def hard_negatives(
 
     Solves the assignment maximising ``sum_i score[i, partner[i]] + noise``, the
     noise uniform in ``[0, noise_scale)``, drawn anew for each cell. A pair is
-    never of one class (so never an image with itself) nor in ``exclude``
-    (unordered pairs: see :func:`_exclude_keys` for the accepted forms).
+    never of one class (so never an image with itself) nor in ``exclude``:
+    unordered pairs given as a 1-d int64 numpy array of keys (``MinedPairs.used``),
+    a ``(K, 2)`` array, or an iterable such as a set of ``(i, j)`` tuples.
 
     Forbidden cells get a finite penalty so large that the solver uses one only
     when no assignment avoids them (the penalty exceeds ``(n + 1)`` times the

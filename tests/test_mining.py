@@ -201,6 +201,13 @@ def test_blocked_solving_covers_every_image_once_and_never_scores_beyond_a_block
         assert np.isin(from_fn[block], block).all()
 
 
+def test_the_callers_scores_are_never_written():
+    labels = np.array([0, 0, 1, 1])
+    stored = np.arange(16, dtype=np.float64).reshape(4, 4)
+    hard_negatives(lambda r, c: stored, labels, 0.0, np.random.default_rng(0))  # hands back its own array
+    assert stored.tolist() == np.arange(16).reshape(4, 4).tolist()
+
+
 def test_random_blocks_partition_into_near_equal_blocks():
     blocks = random_blocks(1001, 250, np.random.default_rng(0))
     assert sorted(b.size for b in blocks) == [200, 200, 200, 200, 201]
