@@ -197,9 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     methods = ["index", "brute"] if retrieval.faiss_available() else ["brute"]
 
+    load_before = os.getloadavg()
     print(f"bench_search: {args.queries} queries, D={args.dim}, k={args.k}, threads={args.threads}, "
           f"chunk={args.chunk} rows, brute block={args.max_elements} elements; "
           f"python {platform.python_version()}, torch {torch.__version__}")
+    print(f"load average before (1, 5, 15 min): {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f} "
+          f"on {os.cpu_count()} CPUs (other work on the machine slows both paths, brute force most)")
     rows: list[dict[str, Any]] = []
     skipped: list[int] = []
     agreement: list[dict[str, Any]] = []
@@ -247,10 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"max |score difference| {a['max_score_diff']:.2e}")
     if skipped:
         print(f"brute skipped above {human(args.brute_max)} (--brute-max): {', '.join(human(s) for s in skipped)}")
+    load_after = os.getloadavg()
+    print(f"load average after (1, 5, 15 min): {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
     figures = {"queries": args.queries, "dim": args.dim, "k": args.k, "threads": args.threads, "chunk": args.chunk,
                "max_elements": args.max_elements, "brute_max": args.brute_max, "memory": memory_kind,
                "results": rows, "ratios": ratios, "agreement": agreement, "brute_skipped": skipped,
-               "torch": torch.__version__, "python": platform.python_version()}
+               "torch": torch.__version__, "python": platform.python_version(),
+               "loadavg_before": list(load_before), "loadavg_after": list(load_after)}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
