@@ -11,6 +11,8 @@ code on whoever loads it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,24 @@ def load_payload(directory: str | Path) -> dict[str, Any]:
 
 
 def model_from_payload(payload: dict[str, Any]) -> SiameseNet:
+    """The network, with ``new_threshold``: the "new individual" threshold (a probability) that the
+    evaluation chose on validation and stored with a registered model, or None."""
     model = SiameseNet(ModelConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
+    model.new_threshold = payload.get("new_threshold")
     return model.eval()
 
 
 def load_model(directory: str | Path) -> SiameseNet:
     """The network saved in a checkpoint directory (or a ``model.pt`` path), in eval mode."""
     return model_from_payload(load_payload(directory))
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 of a network's config and weights: what a gallery's embeddings were made with."""
+    net = unwrap(model)
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(net.config), sort_keys=True, default=list).encode())
+    for key, value in sorted(net.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()

@@ -372,8 +372,19 @@ class EvaluationConfig:
     runs_per_group: int | None = None
     validation_queries_per_run: int | None = 16
     """Koch's 320 validation trials are 10 alphabets x 2 runs x 16 queries (None: ``n_way``)."""
+    reid: bool | None = None
+    """Also score re-identification (``siamese_core.reid``: queries ranked against a gallery, MAP@5, a
+    threshold for new individuals chosen on validation). None: where the data set has no groups,
+    as for individual animals; Omniglot's task is one-shot within an alphabet."""
+    reid_new_share: float = 0.2
+    """The share of a split's classes held out of its gallery as new individuals (seeded)."""
+
+    def reid_enabled(self, has_groups: bool) -> bool:
+        return (not has_groups) if self.reid is None else self.reid
 
     def __post_init__(self) -> None:
+        _require(0.0 <= self.reid_new_share < 1.0,
+                 f"evaluation.reid_new_share must be in [0, 1), got {self.reid_new_share}")
         _require(self.n_way is None or self.n_way >= 2, f"evaluation.n_way must be >= 2, got {self.n_way}")
         _require(self.k_shot >= 1, f"evaluation.k_shot must be >= 1, got {self.k_shot}")
         _require(self.runs_per_group is None or self.runs_per_group >= 1,

@@ -349,7 +349,7 @@ def _topk_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def search_labels(queries: Array, gallery: Gallery, gallery_labels: Sequence[Hashable] | np.ndarray,
                   alpha: Array, bias: float, k: int, *, first_n: int | None = None,
-                  **search_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+                  exclude: np.ndarray | None = None, **search_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best distinct labels per query; a label's score is its best image's logit.
 
     ``gallery_labels[i]`` is the label of gallery id ``i``. Returns ``(labels [Q, k'],
@@ -366,6 +366,10 @@ def search_labels(queries: Array, gallery: Gallery, gallery_labels: Sequence[Has
     fewer than ``k`` labels are searched again with ``N`` doubled, until they see ``k`` or
     the search returns the whole gallery. One label owning many top images costs only
     such repeats, never a wrong answer.
+
+    ``exclude[q]`` is a gallery id that query ``q`` must not match (-1: none): the query's own
+    image when a split is searched against itself, leave-one-out. It is dropped from the
+    ranked images before labels are read off, so the argument above holds for the rest.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -383,7 +387,8 @@ def search_labels(queries: Array, gallery: Gallery, gallery_labels: Sequence[Has
         scores, idx = search_topk(sub, gallery, alpha, bias, n, **search_kwargs)
         whole = idx.shape[1] < n  # fewer than N images exist: this was the whole gallery
         for row, query in enumerate(pending):
-            best = _first_distinct(labels[idx[row]], scores[row], k)
+            keep = slice(None) if exclude is None else idx[row] != exclude[query]
+            best = _first_distinct(labels[idx[row][keep]], scores[row][keep], k)
             if len(best[0]) == k or whole:
                 found[query] = best
         pending = np.array([query for query in pending if found[query] is None], dtype=np.int64)

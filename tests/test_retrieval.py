@@ -425,6 +425,27 @@ def test_label_ranking_exact_when_one_label_owns_the_top_images(method: str) -> 
     assert out2.shape == (10, 2) and set(map(tuple, out2.tolist())) == {("w0", "other")}
 
 
+@pytest.mark.parametrize("method", BOTH)
+def test_leave_one_out_excludes_the_querys_own_image(method: str) -> None:
+    """A split searched against itself: each query's own image is not a match, the rest of its class is."""
+    rng = np.random.default_rng(9)
+    d = 12
+    g = rng.random((80, d)).astype(np.float32)
+    labels = np.repeat([f"c{i}" for i in range(20)], 4)
+    alpha = -rng.random(d).astype(np.float32)
+    q = g[::4]  # the first image of each class is a query, and in the gallery
+    exclude = np.arange(0, 80, 4)
+    out_labels, out_scores = search_labels(q, g, labels, alpha, 0.5, 5, method=method, exclude=exclude)
+    logits = reference_logits(q, g, alpha, 0.5)
+    logits[np.arange(20), exclude] = -np.inf  # the naive reference: its own image scored out
+    ref_labels, ref_scores = reference_labels(logits, labels, 5)
+    assert out_labels.tolist() == ref_labels
+    np.testing.assert_allclose(out_scores, ref_scores, rtol=0, atol=1e-5)
+    # without the exclusion each query finds itself first, at the head's bias (|h - h| = 0)
+    selfish, scores = search_labels(q, g, labels, alpha, 0.5, 5, method=method)
+    assert (selfish[:, 0] == labels[exclude]).all() and np.allclose(scores[:, 0], 0.5)
+
+
 def test_label_ranking_needs_a_reiterable_gallery() -> None:
     g = np.random.default_rng(8).random((20, 4), dtype=np.float32)
     with pytest.raises(TypeError, match="more than once"):

@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from siamese_core.config import TEST_TIME_VIEWS, EvaluationConfig
 from siamese_core.images import LabelledImages
 from siamese_core.oneshot import OneShotResult, OneShotRun, pixel_nearest_neighbour, score_runs
@@ -86,7 +88,8 @@ def evaluate_model(model: Any, dataset: Any, split: str = "test", seed: int = 0,
 
 
 def final_report(model: Any, dataset: Any, evaluation: EvaluationConfig, seed: int, split: str = "test") -> Report:
-    """A finished model's test episodes, scored once, beside the pixel baseline and the single view."""
+    """A finished model's test episodes, scored once, beside the pixel baseline and the single view;
+    and re-identification, its threshold chosen on validation, where the evaluation asks for it."""
     from siamese_core.evaluation import evaluate_oneshot
     from siamese_core.model import with_test_time_shift
 
@@ -95,7 +98,47 @@ def final_report(model: Any, dataset: Any, evaluation: EvaluationConfig, seed: i
     single = None
     if model.config.test_time_shift_px:  # also the paper's protocol: one view per image
         single = evaluate_oneshot(with_test_time_shift(model, 0), scored.images, scored.runs).accuracy
-    return Report(scored, baseline, single)
+    reid = evaluate_reid(model, dataset, evaluation, seed, split) \
+        if evaluation.reid_enabled(dataset.manifest.has_group) else None
+    return Report(scored, baseline, single, reid)
+
+
+def evaluate_reid(model: Any, dataset: Any, evaluation: EvaluationConfig, seed: int, split: str = "test") -> Reid:
+    """Rank ``split`` and validation as re-identification; the "new" threshold is chosen on validation only."""
+    from siamese_core.checkpoint import unwrap
+    from siamese_core.reid import choose_new_threshold, rank, reid_trials
+
+    net = unwrap(model)
+    unknown = dataset.manifest.unknown_label
+    rankings, splits = {}, {}
+    for name in ("validation", split):
+        images = dataset.load_images(name, net.config.input_size, net.config.preprocess, include_unknown=True)
+        trials = reid_trials(images, evaluation.reid_new_share, seed, unknown)
+        rankings[name], splits[name] = rank(net, images, trials), (images, trials)
+    validation = choose_new_threshold(rankings["validation"])
+    test = rankings[split]
+    test.threshold = validation.threshold
+    baseline = pixel_reid(splits["validation"], splits[split])
+    return Reid(validation=validation, test=test, images=splits[split][0], baseline=baseline,
+                invert=bool(net.config.preprocess.invert))
+
+
+def pixel_reid(validation: tuple[LabelledImages, Any], test: tuple[LabelledImages, Any]) -> dict[str, float]:
+    """The same ranking and threshold rule with pixels as the embedding (minus the L1 distance as the score)."""
+    from siamese_core.reid import Ranking, choose_new_threshold
+    from siamese_core.retrieval import search_labels
+
+    out: dict[str, Ranking] = {}
+    for name, (images, trials) in (("validation", validation), ("test", test)):
+        flat = images.as_float().reshape(len(images), -1)
+        in_gallery = np.full(len(images), -1, dtype=np.int64)
+        in_gallery[trials.gallery] = np.arange(trials.gallery.size)
+        labels, scores = search_labels(flat[trials.queries], flat[trials.gallery],
+                                       images.label_names[trials.gallery], -np.ones(flat.shape[1], np.float32), 0.0,
+                                       5, exclude=in_gallery[trials.queries])
+        out[name] = Ranking(labels=labels.astype(object), scores=scores, truth=trials.truth, queries=trials.queries)
+    out["test"].threshold = choose_new_threshold(out["validation"]).threshold
+    return out["test"].metrics()
 
 
 def baseline_size(dataset: Any, size: int | None) -> int:
@@ -149,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-time-views", default=None, choices=TEST_TIME_VIEWS,
                         help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
                              "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
+    parser.add_argument("--reid", action=argparse.BooleanOptionalAction, default=None,
+                        help="also score re-identification (top-1, top-5, MAP@5; the 'new' threshold chosen on "
+                             "validation); default: where the data set has no groups")
+    parser.add_argument("--reid-new-share", type=float, default=0.2,
+                        help="share of a split's classes held out of the gallery as new (default: %(default)s)")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="default: %(default)s")
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
     return parser
@@ -164,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        evaluation_cfg = EvaluationConfig(n_way=args.n_way, k_shot=args.k_shot, runs_per_group=args.runs_per_group)
+        evaluation_cfg = EvaluationConfig(n_way=args.n_way, k_shot=args.k_shot, runs_per_group=args.runs_per_group,
+                                          reid=args.reid, reid_new_share=args.reid_new_share)
         dataset = DataSet.open(args.data, args.endpoint_url)
+        reid = None
         if args.model in BASELINES:
             scored = evaluate_baseline(dataset, args.split, args.seed, evaluation_cfg, args.size)
             baseline = None
@@ -174,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                              test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
             scored = evaluate_model(model, dataset, args.split, args.seed, evaluation_cfg)
             baseline = score_runs(scored.runs, pixel_nearest_neighbour(scored.images.as_float()))
+            if evaluation_cfg.reid_enabled(dataset.manifest.has_group):
+                if args.split == "validation":
+                    raise ConfigError("--reid chooses its threshold on validation and reports --split test")
+                reid = evaluate_reid(model, dataset, evaluation_cfg, args.seed, args.split)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -186,8 +240,15 @@ def main(argv: list[str] | None = None) -> int:
           f"trials, {scored.protocol}) in {elapsed:.1f}s")
     if baseline is not None:
         print(f"pixel nearest neighbour on the same trials: {baseline.accuracy:.2%}")
-    for group, accuracy in sorted(result.per_group.items()):
-        print(f"  {group:<34s} {accuracy:.2%}")
+    if len(result.per_group) > 1:
+        for group, accuracy in sorted(result.per_group.items()):
+            print(f"  {group:<34s} {accuracy:.2%}")
+    if reid is not None:
+        m, b = reid.test.metrics(), reid.baseline
+        print(f"re-identification on {args.split} ({int(m['queries'])} queries, {int(m['new_queries'])} of new "
+              f"individuals): top-1 {m['top1']:.2%}, top-5 {m['top5']:.2%}, MAP@5 {m['map5']:.3f} (pixels "
+              f"{b['map5']:.3f}); with 'new' at p = {reid.threshold_p:.3f} (chosen on validation): MAP@5 "
+              f"{m['map5_new']:.3f} (pixels {b['map5_new']:.3f})")
 
     if not args.no_mlflow:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
@@ -202,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             if baseline is not None:
                 mlflow.log_metric(f"{args.split}_pixel_nn_accuracy", baseline.accuracy)
             tracking.log_oneshot_figures(scored, args.split)
+            if reid is not None:
+                tracking.log_reid(reid, args.split)
         print(f"Recorded in MLflow run {run.info.run_id} at {uri}")
         print(f"Review it: {tracking.ui_hint(uri)}")
     return 0

@@ -1,4 +1,14 @@
-"""``python -m workflows.predict``: classify new images one-shot against a support folder.
+"""``python -m workflows.predict``: new images against a support folder (one-shot) or a gallery (re-identification).
+
+With ``--gallery EMBEDDINGS`` (written by ``workflows.embed``), each query is ranked against
+every gallery image by the siamese head and gets its ``--top-k`` best distinct labels: CSV
+``query,rank,label,score`` (score: the probability ``p`` of the label's best image). With
+``--new-threshold X`` (a probability) or ``auto`` (the threshold chosen on validation and
+stored with the model), the label ``new`` is inserted where the scores fall below it: an
+individual the gallery has not got. The ranks are exact: a weighted-L1 index (faiss) where
+the head's weights allow, else every pair scored in blocks (``siamese_core.retrieval``).
+
+Without ``--gallery``, the one-shot form below.
 
 Give one example image per class (the support set) and a folder of images to
 classify (the queries); each query gets the class whose example the trained
@@ -210,20 +220,88 @@ def _load_model(spec: str, endpoint_url: str | None, tracking_uri: str | None,
         raise PredictError(str(exc)) from exc
 
 
+def predict_gallery(model: Any, gallery_uri: str, queries: Sequence[tuple[str, Path]], top_k: int,
+                    new_threshold: str | None, endpoint_url: str | None = None,
+                    batch_size: int = 256) -> list[tuple[str, int, str, float]]:
+    """``(query, rank, label, p)`` rows: each query's ``top_k`` labels in the gallery, ``new`` where it belongs."""
+    import torch
+
+    from siamese_core.checkpoint import model_digest, unwrap
+    from siamese_core.reid import NEW
+    from siamese_core.retrieval import head_parameters, insert_new, search_labels
+    from workflows.embed import EmbedError, Gallery
+    from workflows.storage import StorageError
+
+    net = unwrap(model).eval()
+    threshold = None
+    if new_threshold is not None:
+        if new_threshold == "auto":
+            if getattr(net, "new_threshold", None) is None:
+                raise PredictError("--new-threshold auto: this model carries no threshold (registered models "
+                                   "trained on data without groups do); give a probability, e.g. 0.5")
+            p = float(net.new_threshold)
+        else:
+            try:
+                p = float(new_threshold)
+            except ValueError as exc:
+                raise PredictError(f"--new-threshold takes a probability in (0, 1) or auto, got {new_threshold!r}") \
+                    from exc
+            if not 0.0 < p < 1.0:
+                raise PredictError(f"--new-threshold takes a probability in (0, 1) or auto, got {new_threshold!r}")
+        threshold = float(np.log(p / (1.0 - p))) if 0.0 < p < 1.0 else (-np.inf if p <= 0 else np.inf)
+    try:
+        gallery = Gallery.open(gallery_uri, endpoint_url)
+        gallery.check_model(model_digest(net))
+    except (EmbedError, StorageError) as exc:
+        raise PredictError(str(exc)) from exc
+    unknown = gallery.manifest.get("data", {}).get("unknown_label")
+    keep = gallery.labels != unknown if unknown else np.ones(len(gallery.labels), bool)
+    if not keep.any():
+        raise PredictError(f"the gallery {gallery_uri} holds no known individual")
+    if NEW in set(gallery.labels[keep].tolist()):
+        raise PredictError(f"the gallery has a class named {NEW!r}, the label of new individuals; rename it")
+    h = embed(net, load_images([path for _, path in queries], net.config), batch_size).float().cpu().numpy()
+    alpha, bias = head_parameters(net)
+    with torch.no_grad():
+        labels, scores = search_labels(h, lambda: gallery.chunks(keep), gallery.labels, alpha, bias, top_k)
+    ranked = insert_new(labels, scores, threshold, NEW, top_k) if threshold is not None else labels.tolist()
+    # each label scores its best image, as a probability; "new" scores the threshold itself
+    out = []
+    for q, ((name, _), labs) in enumerate(zip(queries, ranked)):
+        score_of = dict(zip(labels[q].tolist(), scores[q].tolist()))
+        for r, label in enumerate(labs, start=1):
+            logit = threshold if label == NEW else score_of[label]
+            out.append((name, r, str(label), float(1.0 / (1.0 + np.exp(-logit)))))
+    return out
+
+
+def write_ranked_csv(rows: Iterable[tuple[str, int, str, float]], stream: TextIO) -> None:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["query", "rank", "label", "score"])
+    for query, rank, label, score in rows:
+        writer.writerow([query, rank, label, f"{score:.6f}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workflows.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="a checkpoint directory or model.pt (local or s3://), or an MLflow model URI "
                              "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)")
-    parser.add_argument("--support", required=True, help="folder with one example image per class")
+    against = parser.add_mutually_exclusive_group(required=True)
+    against.add_argument("--support", help="folder with one example image per class (one-shot)")
+    against.add_argument("--gallery", help="embeddings written by workflows.embed (a directory or s3://)")
     parser.add_argument("--query", required=True, help="folder of images to classify (searched recursively)")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --model")
+    parser.add_argument("--top-k", type=int, default=5, help="--gallery: labels per query (default: %(default)s)")
+    parser.add_argument("--new-threshold", default=None, metavar="P|auto",
+                        help="--gallery: insert 'new' where the best match's probability falls below P; auto: "
+                             "the threshold stored with the model (chosen on validation)")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI "
                              "or ./mlflow.db)")
     parser.add_argument("--output", default=None, help="write the CSV to this file instead of stdout")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch (default: %(default)s)")
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="compare images by their mean embedding over N-pixel shifts (0: one view, as in the "
                              "paper; default: what the model was trained with, model.test_time_shift_px)")
@@ -233,28 +311,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.top_k < 1:
+        parser.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.new_threshold is not None and args.gallery is None:
+        parser.error("--new-threshold goes with --gallery")
 
     try:
         # Cheap checks first: a typo in a folder should not wait for the model to load.
-        support = read_support(args.support)
+        support = read_support(args.support) if args.support else None
         queries = read_queries(args.query)
         model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px,
                             args.test_time_views)
-        if len(support.classes) == 1:
-            print(f"warning: support folder {args.support} has a single class "
-                  f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
-        predictions = predict(model, support, queries, batch_size=args.batch_size)
+        if support is None:
+            rows = predict_gallery(model, args.gallery, queries, args.top_k, args.new_threshold, args.endpoint_url,
+                                   args.batch_size)
+            write, what = (lambda stream: write_ranked_csv(rows, stream)), f"{len(rows)} ranked labels"
+        else:
+            if len(support.classes) == 1:
+                print(f"warning: support folder {args.support} has a single class "
+                      f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
+            predictions = predict(model, support, queries, batch_size=args.batch_size)
+            write = lambda stream: write_csv(predictions, stream)  # noqa: E731
+            what = f"{len(predictions)} predictions ({len(support.classes)} classes)"
         if args.output is None:
-            write_csv(predictions, sys.stdout)
+            write(sys.stdout)
             sys.stdout.flush()
         else:
             try:
                 with open(args.output, "w", newline="", encoding="utf-8") as stream:
-                    write_csv(predictions, stream)
+                    write(stream)
             except OSError as exc:
                 raise PredictError(f"cannot write --output {args.output}: {exc.strerror or exc}") from exc
-            print(f"wrote {len(predictions)} predictions ({len(support.classes)} classes) to {args.output}",
-                  file=sys.stderr)
+            print(f"wrote {what} to {args.output}", file=sys.stderr)
     except PredictError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -184,6 +184,71 @@ def log_report(report: Any, split: str) -> None:
     mlflow.log_metrics(metrics)
     mlflow.set_tag(f"{split}_protocol", report.protocol)
     log_oneshot_figures(report.evaluation, split)
+    if report.reid is not None:
+        log_reid(report.reid, split)
+
+
+def log_reid(reid: Any, split: str) -> None:
+    """Re-identification metrics (top-1, top-5, MAP@5; with new individuals at the validation threshold),
+    the pixel baseline's, the validation curve of MAP@5 against the threshold, and a picture of queries."""
+    import mlflow
+
+    metrics = {f"{split}_reid_{k}": v for k, v in reid.test.metrics().items()}
+    metrics.update({f"validation_reid_{k}": v for k, v in reid.validation.metrics().items()})
+    metrics.update({f"{split}_reid_pixel_{k}": v for k, v in reid.baseline.items()})
+    metrics["new_threshold"] = reid.threshold_p
+    mlflow.log_metrics(metrics)
+    log_reid_figures(reid, split)
+
+
+def log_reid_figures(reid: Any, split: str, n_queries: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    from siamese_core.reid import NEW
+
+    thresholds, maps = reid.validation.curve
+    finite = np.isfinite(thresholds)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(1.0 / (1.0 + np.exp(-thresholds[finite])), maps[finite], color="steelblue")
+    ax.axvline(reid.threshold_p, color="black", linestyle="--", label=f"chosen: p = {reid.threshold_p:.3f}")
+    ax.set_xlabel("threshold on the best match's probability p")
+    ax.set_ylabel("validation MAP@5 with 'new'")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    mlflow.log_figure(fig, "reid/validation_map5_by_threshold.png")
+    plt.close(fig)
+
+    test, images = reid.test, reid.images
+    predictions = test.with_new()
+    rng = np.random.default_rng(0)
+    picked = sorted(rng.choice(len(test.truth), size=min(n_queries, len(test.truth)), replace=False))
+    first_image = {}
+    for row, name in enumerate(images.label_names.tolist()):
+        first_image.setdefault(name, row)
+    fig, axes = plt.subplots(len(picked), 6, figsize=(7.5, 1.3 * len(picked)), squeeze=False)
+    for r, q in enumerate(picked):
+        pixels, cmap = _picture(images.images, int(test.queries[q]), reid.invert)
+        axes[r, 0].imshow(pixels, cmap=cmap)
+        axes[r, 0].set_title(f"query: {str(test.truth[q])[:12]}", fontsize=6)
+        for c, label in enumerate(predictions[q][:5]):
+            ax = axes[r, c + 1]
+            if label != NEW and label in first_image:
+                pixels, cmap = _picture(images.images, first_image[label], reid.invert)
+                ax.imshow(pixels, cmap=cmap)
+            right = label == test.truth[q]
+            ax.set_title(f"{c + 1}: {str(label)[:12]}", fontsize=6, color="green" if right else "red")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{split}: queries and their top 5 (green: the true individual)", fontsize=8)
+    fig.tight_layout()
+    mlflow.log_figure(fig, f"reid/{split}_top5.png")
+    plt.close(fig)
 
 
 def describe_run(dataset: Any, recipe: str, report: Any) -> None:
@@ -194,6 +259,11 @@ def describe_run(dataset: Any, recipe: str, report: Any) -> None:
     text = (f"**{dataset.name}** ({dataset.uri}), recipe `{recipe}`: test one-shot accuracy "
             f"**{result.accuracy:.2%}** ({result.correct}/{result.trials} trials, {report.protocol}); "
             f"pixel nearest neighbour on the same trials {report.baseline.accuracy:.2%}.")
+    if report.reid is not None:
+        m, b = report.reid.test.metrics(), report.reid.baseline
+        text += (f" Re-identification on test: MAP@5 **{m.get('map5', float('nan')):.3f}** (pixels "
+                 f"{b.get('map5', float('nan')):.3f}), with new individuals {m['map5_new']:.3f} at p = "
+                 f"{report.reid.threshold_p:.3f} chosen on validation.")
     mlflow.set_tag("mlflow.note.content", text)
 
 
@@ -348,13 +418,15 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
     plt.close(fig)
 
 
-def log_model(model: Any, registered_model: str | None) -> str:
+def log_model(model: Any, registered_model: str | None, new_threshold: float | None = None) -> str:
     """Log the network as an MLflow pyfunc model (pairs of encoded images in, similarity out), maybe registered.
 
     The model's files are its ``model.pt`` (weights and config, loaded with ``weights_only``)
     and the package's source: ``siamese_core.serving`` rebuilds the network, so loading it
     unpickles nothing. Its input is a table with ``left`` and ``right`` columns of image bytes
     in any format (or one ``image`` column, for embeddings); the model's own preprocessing applies.
+    ``new_threshold`` (a probability: the "new individual" threshold chosen on validation) is stored
+    in the model file, for ``predict --new-threshold auto``.
     """
     import tempfile
 
@@ -370,7 +442,7 @@ def log_model(model: Any, registered_model: str | None) -> str:
     signature = ModelSignature(inputs=Schema([ColSpec(DataType.binary, "left"), ColSpec(DataType.binary, "right")]),
                                outputs=Schema([TensorSpec(np.dtype("float32"), (-1,))]))
     with tempfile.TemporaryDirectory() as directory:
-        path = ckpt_io.save(directory, model)
+        path = ckpt_io.save(directory, model, **({} if new_threshold is None else {"new_threshold": new_threshold}))
         info = mlflow.pyfunc.log_model(
             name="model", loader_module="siamese_core.serving", data_path=str(path),
             code_paths=[str(Path(siamese_core.__file__).parent)], signature=signature,

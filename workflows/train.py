@@ -339,7 +339,8 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
                             "best_val_oneshot_accuracy": best_metrics["val_oneshot_accuracy"],
                             "train_wall_seconds": train_seconds})
         tracking.log_report(report, "test")
-        model_uri = tracking.log_model(model, cfg.tracking.registered_model)
+        model_uri = tracking.log_model(model, cfg.tracking.registered_model,
+                                       new_threshold=report.reid.threshold_p if report.reid else None)
         tracking.describe_run(dataset, recipe, report)
         tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id, finished=True)
         test = report.evaluation
@@ -351,7 +352,9 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
                 "best_epoch": int(best_metrics["epoch"]),
                 "best_val_oneshot_accuracy": float(best_metrics["val_oneshot_accuracy"]),
                 "validation_views": cfg.training.validation_views,
-                "checkpoint": checkpoint.path, "model_uri": model_uri, "train_seconds": train_seconds}
+                "checkpoint": checkpoint.path, "model_uri": model_uri, "train_seconds": train_seconds,
+                "reid": None if report.reid is None else {**report.reid.test.metrics(),
+                                                          "pixel": report.reid.baseline}}
 
 
 def training_failure_message(cfg: JobConfig, exc: BaseException) -> str:
@@ -432,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
           + f"); pixel nearest neighbour on the same trials: {summary['test_pixel_nn_accuracy']:.2%}; "
           f"best epoch {summary['best_epoch']} (validation {summary['best_val_oneshot_accuracy']:.2%}{val_views}), "
           f"training {summary['train_seconds']:.0f}s")
+    if summary["reid"]:
+        r = summary["reid"]
+        print(f"re-identification on test ({int(r['queries'])} queries, {int(r['new_queries'])} of new individuals): "
+              f"top-1 {r['top1']:.2%}, top-5 {r['top5']:.2%}, MAP@5 {r['map5']:.3f} (pixels {r['pixel']['map5']:.3f}); "
+              f"with 'new' at p = {r['threshold_p']:.3f} (chosen on validation): MAP@5 {r['map5_new']:.3f} "
+              f"(pixels {r['pixel']['map5_new']:.3f})")
     print(f"MLflow run {summary['run_id']}; model {summary['model_uri']}")
     from workflows import tracking
 
