@@ -527,6 +527,56 @@ class TrainingConfig:
         _require(self.threads is None or self.threads >= 1, f"training.threads must be >= 1, got {self.threads}")
 
 
+MINING_POLICIES: tuple[str, ...] = ("random", "mined")
+"""Where training pairs come from (``MiningConfig.policy``)."""
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """Hard pairs: every ``every`` epochs the model scores each group's images and a linear assignment
+    (with annealed noise) gives each image a hard "different" partner (``siamese_core.mining``).
+
+    ``policy="random"`` is the paper's random pairs. With "mined", ``share`` of each group's pairs
+    per epoch come from the latest assignment (half "same": a derangement of each class's images),
+    the rest stay random. The noise scale goes from ``noise_start`` to ``noise_end`` over
+    ``noise_epochs`` epochs from ``first_epoch`` (``noise_shape`` "linear" or "exponential");
+    ``exclude_used`` never serves a mined "different" pair twice.
+    """
+
+    policy: str = "random"
+    every: int = 2
+    first_epoch: int = 1
+    share: float = 0.5
+    noise_start: float = 2.0
+    noise_end: float = 0.1
+    noise_epochs: int = 30
+    noise_shape: str = "linear"
+    exclude_used: bool = True
+    block_size: int = 2048
+    """Images per assignment problem: a larger group is solved in seeded random blocks of this size."""
+
+    def __post_init__(self) -> None:
+        _require(self.policy in MINING_POLICIES, f"mining.policy must be one of {MINING_POLICIES}, got {self.policy!r}")
+        _require(self.every >= 1, f"mining.every must be >= 1, got {self.every}")
+        _require(self.first_epoch >= 0, f"mining.first_epoch must be >= 0, got {self.first_epoch}")
+        _require(0.0 < self.share <= 1.0, f"mining.share must be in (0, 1], got {self.share}")
+        _require(self.noise_start >= 0 and self.noise_end >= 0, "mining.noise_start and noise_end must be >= 0")
+        _require(self.noise_epochs >= 1, f"mining.noise_epochs must be >= 1, got {self.noise_epochs}")
+        _require(self.noise_shape in ("linear", "exponential"),
+                 f"mining.noise_shape must be 'linear' or 'exponential', got {self.noise_shape!r}")
+        _require(self.noise_shape == "linear" or (self.noise_start > 0 and self.noise_end > 0),
+                 "an exponential mining noise schedule needs noise_start > 0 and noise_end > 0")
+        _require(self.block_size >= 2, f"mining.block_size must be >= 2, got {self.block_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy == "mined"
+
+    def mines_at(self, epoch: int) -> bool:
+        """True for the epochs that start with a new assignment."""
+        return self.enabled and epoch >= self.first_epoch and (epoch - self.first_epoch) % self.every == 0
+
+
 @dataclass(frozen=True)
 class TrainingRecipe:
     """Everything one training run needs besides data: model, optimizer, pairs, distortions, loop."""
@@ -537,6 +587,7 @@ class TrainingRecipe:
     pairs: PairConfig = field(default_factory=PairConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
 
 
 DEMO_DEFAULTS = TrainingRecipe(

@@ -33,10 +33,11 @@ import torch
 from .config import TrainingRecipe
 from .evaluation import Validator
 from .images import LabelledImages
+from .mining import Assignment, epoch_pairs, mine_assignment
 from .model import SiameseNet, init_weights, place_model
 from .optim import apply_epoch_schedule, build_optimizer
-from .pairs import name_keys, pairs_per_unit, unit_pairs
-from .train_step import train_step
+from .pairs import name_keys, pairs_per_unit
+from .train_step import to_model_input, train_step
 
 Chunk = dict[str, torch.Tensor]
 """A block of pairs: ``left``/``right`` uint8 images ``[n,C,S,S]``, ``same`` float ``[n]``, the int64
@@ -108,11 +109,12 @@ class LoopState:
     stopper: EarlyStopping | None = None
     elapsed_s: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)
+    mining: dict[str, Any] | None = None  # the assignment in force (Assignment.state_dict), with the checkpoint
 
     def state_dict(self) -> dict[str, Any]:
         assert self.stopper is not None
         return {"next_epoch": self.next_epoch, "early_stopping": self.stopper.state_dict(),
-                "elapsed_s": self.elapsed_s, "epoch_seconds": list(self.epoch_seconds[-3:])}
+                "elapsed_s": self.elapsed_s, "epoch_seconds": list(self.epoch_seconds[-3:]), "mining": self.mining}
 
     @staticmethod
     def from_state_dict(state: dict[str, Any], patience: int) -> "LoopState":
@@ -120,7 +122,8 @@ class LoopState:
         stopper.load_state_dict(state["early_stopping"])
         return LoopState(next_epoch=int(state["next_epoch"]), stopper=stopper,
                          elapsed_s=float(state.get("elapsed_s", 0.0)),
-                         epoch_seconds=[float(s) for s in state.get("epoch_seconds", [])])
+                         epoch_seconds=[float(s) for s in state.get("epoch_seconds", [])],
+                         mining=state.get("mining"))
 
 
 def expand_copies(chunk: Chunk, copies: int) -> tuple[torch.Tensor, ...]:
@@ -207,12 +210,15 @@ class TrainingLoop:
         return {"loss": float(loss_sum) / max(1, steps), "steps": steps, "pairs": pairs, "pairs_epoch": pairs_epoch}
 
     def run(self, chunks_of_epoch: Callable[[int], Iterable[Chunk]], state: LoopState | None = None,
-            on_epoch: Callable[[dict[str, Any], LoopState], None] | None = None) -> LoopState:
+            on_epoch: Callable[[dict[str, Any], LoopState], None] | None = None,
+            prepare: Callable[[int, LoopState], dict[str, Any]] | None = None) -> LoopState:
         """Train from ``state.next_epoch`` until ``training.epochs``, early stopping or the time budget.
 
-        After each epoch ``on_epoch(row, state)`` gets the epoch's metrics (rank 0's, on every
-        rank) and the state to resume from. The budget counts the whole run, restarts included:
-        no epoch starts that the last epochs' pace says would end past it.
+        ``prepare(epoch, state)`` runs first in each epoch, inside its time (the :class:`Miner`);
+        its figures join the epoch's row. After each epoch ``on_epoch(row, state)`` gets the
+        epoch's metrics (rank 0's, on every rank) and the state to resume from. The budget
+        counts the whole run, restarts included: no epoch starts that the last epochs' pace
+        says would end past it.
         """
         cfg = self.recipe.training
         if self.rank == 0 and self.validator is None:
@@ -223,6 +229,7 @@ class TrainingLoop:
         started = self.clock()
         for epoch in range(state.next_epoch, cfg.epochs):
             t0 = self.clock()
+            prepared = prepare(epoch, state) if prepare is not None else {}
             trained = self.train_epoch(epoch, chunks_of_epoch(epoch))
             train_seconds = self.clock() - t0
             loss = self.mean_across_ranks(trained["loss"])
@@ -246,6 +253,7 @@ class TrainingLoop:
                     "pairs_epoch": trained["pairs_epoch"],  # the epoch the pairs were drawn for
                     "stop": "early_stopping" if state.stopper.should_stop else "time_budget" if over_budget
                     else "epochs" if epoch + 1 >= cfg.epochs else "",
+                    **prepared,
                 })
             row = self.from_rank0(row)
             if self.rank != 0:  # follow rank 0's bookkeeping, so any rank's state resumes the run
@@ -258,6 +266,77 @@ class TrainingLoop:
             if row["stop"]:
                 break
         return state
+
+
+EmbeddedShare = tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]
+"""A worker's share of the training images, embedded: ``(embeddings [n, D], image keys, class keys, units)``."""
+
+
+class Miner:
+    """Before the epochs the mining config names, a new assignment of hard pairs from the current model.
+
+    The Ray worker and the plain loop share it; they differ in ``embed_share`` (a rank's shards, or
+    every image in memory), ``gather`` (torch.distributed, or nothing) and ``publish`` (the pair
+    stage's epoch clock, or :class:`MemoryPairs`). Rank 0 solves the assignment and every rank
+    receives it, so any rank's checkpoint state can resume the run with the same pairs.
+    """
+
+    def __init__(self, recipe: TrainingRecipe, net: Callable[[], SiameseNet], embed_share: Callable[[], EmbeddedShare],
+                 publish: Callable[[Assignment | None], None], has_groups: bool, n_units: int, total_classes: int,
+                 rank: int = 0, gather: Callable[[Any], list[Any]] = lambda x: [x],
+                 from_rank0: Callable[[Any], Any] = lambda x: x, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.recipe, self.net, self.embed_share, self.publish = recipe, net, embed_share, publish
+        self.has_groups, self.n_units, self.total_classes = has_groups, n_units, total_classes
+        self.rank, self.gather, self.from_rank0, self.clock = rank, gather, from_rank0, clock
+
+    def restore(self, state: LoopState) -> None:
+        """Hand a resumed run's stored assignment to the pair source before its first epoch."""
+        if state.mining is not None:
+            self.publish(Assignment.from_state_dict(state.mining))
+
+    def __call__(self, epoch: int, state: LoopState) -> dict[str, Any]:
+        cfg = self.recipe
+        if not cfg.mining.mines_at(epoch):
+            return {}
+        t0 = self.clock()
+        share = self.embed_share()
+        embed_s = self.clock() - t0
+        parts = self.gather((share[0].float().cpu().numpy(), share[1], share[2], share[3]))
+        payload = None
+        if self.rank == 0:
+            h = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+            image_keys, class_keys, units = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
+            pairs_of_unit = {u: pairs_per_unit(cfg.pairs, self.has_groups, self.n_units,
+                                               np.unique(class_keys[units == u]).size, self.total_classes)
+                             for u in set(units.tolist())}
+            previous = Assignment.from_state_dict(state.mining) if state.mining is not None else None
+            net = self.net()
+            h = h.to(next(net.parameters()).device)
+            assignment = mine_assignment(net, h, image_keys, class_keys, units, pairs_of_unit, cfg.mining,
+                                         cfg.training.seed, epoch, previous)
+            payload = {"assignment": assignment.state_dict(), "images": int(image_keys.size)}
+            # Published before the other ranks hear of it, so no rank can start the epoch's pass first.
+            self.publish(assignment)
+        payload = self.from_rank0(payload)
+        state.mining = payload["assignment"]
+        assignment = Assignment.from_state_dict(state.mining)
+        if self.rank != 0:
+            self.publish(assignment)
+        return {"mining_seconds": self.clock() - t0, "mining_embed_seconds": embed_s, "mined_pairs": len(assignment),
+                "mining_images": payload["images"]}
+
+
+@torch.no_grad()
+def embed_for_mining(net: SiameseNet, pixels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The training view's embeddings (no test-time views), in eval mode, restoring the mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        out = [net.embed(to_model_input(pixels[i:i + batch_size], device)) for i in range(0, pixels.shape[0], batch_size)]
+    finally:
+        net.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, net.config.embedding_dim))
 
 
 class MemoryPairs:
@@ -298,7 +377,19 @@ class MemoryPairs:
                 continue
             n = pairs_per_unit(pairs, has_groups, len(units), np.unique(images.label[rows]).size, total_classes)
             self.units.append((unit, rows, n))
+        self.has_groups, self.n_units, self.total_classes = has_groups, len(units), total_classes
+        self.assignment: Assignment | None = None  # mined pairs in force (Miner.publish)
         self.images = images
+
+    def embed_all(self, net: SiameseNet) -> EmbeddedShare:
+        """Every image the pairs can use, embedded for mining, with its keys and unit."""
+        rows = np.concatenate([r for _, r, _ in self.units])
+        units = np.concatenate([np.full(r.size, u, dtype=object) for u, r, _ in self.units])
+        h = embed_for_mining(net, self.pixels[torch.from_numpy(rows).to(self.pixels.device)])
+        return h, self.image_keys.numpy()[rows], self.class_keys.numpy()[rows], units
+
+    def publish(self, assignment: Assignment | None) -> None:
+        self.assignment = assignment
 
     def __call__(self, epoch: int) -> Iterator[Chunk]:
         """The epoch's chunks: each unit's pairs in order, cut into ``chunk_pairs``."""
@@ -306,12 +397,11 @@ class MemoryPairs:
         left, right, same = [], [], []
         for unit, rows, n in self.units:
             source = None if images.source is None else images.source[rows]
-            group = None if images.group is None else images.group[rows]
-            p = unit_pairs(group, images.label[rows], cfg.pairs, cfg.training.seed, epoch, unit, n,
-                           source=source, negatives=cfg.training.negatives)  # type: ignore[arg-type]
-            left.append(rows[p.left])
-            right.append(rows[p.right])
-            same.append(p.same)
+            ul, ur, us = epoch_pairs(images.label[rows], self.image_keys.numpy()[rows], cfg.pairs, cfg.training.seed,
+                                     epoch, unit, n, source, cfg.training.negatives, self.assignment)
+            left.append(rows[ul])
+            right.append(rows[ur])
+            same.append(us)
         left_rows, right_rows = torch.from_numpy(np.concatenate(left)), torch.from_numpy(np.concatenate(right))
         same_all = torch.from_numpy(np.concatenate(same))
         device = self.pixels.device
@@ -379,7 +469,10 @@ def fit(recipe: TrainingRecipe, train: LabelledImages, validation: LabelledImage
             f"best {row['best_val_oneshot_accuracy']:.4f}@{row['best_epoch']}  {row['epoch_seconds']:.1f}s")
 
     loop = TrainingLoop(recipe, net, optimizer, device, validator, autocast_dtype=autocast_dtype)
-    state = loop.run(MemoryPairs(train, recipe, chunk_pairs, device), on_epoch=on_epoch)
+    pairs = MemoryPairs(train, recipe, chunk_pairs, device)
+    miner = Miner(recipe, lambda: loop.net, lambda: pairs.embed_all(loop.net), pairs.publish, pairs.has_groups,
+                  pairs.n_units, pairs.total_classes)
+    state = loop.run(pairs, on_epoch=on_epoch, prepare=miner)
     net.load_state_dict(best["state"])
     total = time.perf_counter() - started
     stop = history[-1]["stop"] if history else "epochs"

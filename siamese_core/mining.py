@@ -36,14 +36,12 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 Shape = Literal["linear", "exponential"]
-Solver = Literal["scipy", "lap"]
 ScoreBlock = Callable[[np.ndarray, np.ndarray], Any]
 """``score_block(rows, cols)``: logits ``[len(rows), len(cols)]`` (array-like) for those images."""
 Scores = Union[np.ndarray, ScoreBlock]
 Exclude = Union[None, np.ndarray, Iterable[tuple[int, int]]]
 
 _MINING_STREAM = 0x6D696E65  # "mine": keeps these draws apart from pairs.py's (seed, epoch) stream
-_SOLVERS = ("scipy", "lap")
 
 
 # --- noise schedule ------------------------------------------------------------------
@@ -151,28 +149,19 @@ def _exclude_keys(exclude: Exclude, n: int) -> np.ndarray:
 # --- assignment -----------------------------------------------------------------------
 
 
-def assign(values: np.ndarray, solver: Solver = "scipy") -> np.ndarray:
+def assign(values: np.ndarray) -> np.ndarray:
     """Column of each row in the assignment of a square matrix that maximises the total.
 
-    ``solver="lap"`` uses ``lap.lapjv`` (an optional dependency, imported only
-    here); the default is ``scipy.optimize.linear_sum_assignment``.
+    scipy's ``linear_sum_assignment``: ``lap.lapjv`` is not faster at mining's block
+    sizes (benchmarks/bench_assignment.py), so no second solver.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[0] != values.shape[1]:
         raise ValueError(f"assign needs a square matrix, got shape {values.shape}")
-    if solver == "scipy":
-        rows, cols = linear_sum_assignment(values, maximize=True)
-        out = np.empty(values.shape[0], np.int64)
-        out[rows] = cols
-        return out
-    if solver == "lap":
-        try:
-            import lap  # optional: see benchmarks/bench_assignment.py
-        except ImportError as err:
-            raise ImportError("solver='lap' needs the optional package lap (pip install lap)") from err
-        x, _ = lap.lapjv(-values, extend_cost=False, return_cost=False)  # lapjv minimises
-        return np.asarray(x, dtype=np.int64)
-    raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    rows, cols = linear_sum_assignment(values, maximize=True)
+    out = np.empty(values.shape[0], np.int64)
+    out[rows] = cols
+    return out
 
 
 def random_blocks(n: int, block_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -235,7 +224,6 @@ def hard_negatives(
     rng: np.random.Generator,
     exclude: Exclude = None,
     block_size: int = 1024,
-    solver: Solver = "scipy",
 ) -> np.ndarray:
     """One hard "different" partner per image: ``partner[i]`` (int64), or -1 for none.
 
@@ -265,8 +253,6 @@ def hard_negatives(
     noise_scale = _check_noise(noise_scale)
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
         raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
-    if solver not in _SOLVERS:
-        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
     score_block = _block_scorer(scores, n)
     excluded = _exclude_keys(exclude, n)
     ex_i, ex_j = key_pairs(excluded, n)
@@ -290,7 +276,7 @@ def hard_negatives(
         allowed = values[~forbidden]
         low, high = float(allowed.min()), float(allowed.max())
         values[forbidden] = low - (size + 1) * (high - low + 1.0)
-        cols = assign(values, solver)
+        cols = assign(values)
         ok = ~forbidden[np.arange(size), cols]
         partner[block[ok]] = block[cols[ok]]
         position[block] = -1
@@ -424,7 +410,6 @@ def mine_pairs(
     same_fraction: float = 0.5,
     used: Optional[np.ndarray] = None,
     block_size: int = 1024,
-    solver: Solver = "scipy",
 ) -> MinedPairs:
     """One epoch's pairs of one group (e.g. an alphabet): hard "different", random "same".
 
@@ -466,7 +451,7 @@ def mine_pairs(
     sp = same_partners(labels, rng_same)
     if n_diff > 0:
         neg = hard_negatives(scores, labels, noise_scale, np.random.default_rng(neg_seq),
-                             exclude=used_keys, block_size=block_size, solver=solver)
+                             exclude=used_keys, block_size=block_size)
         unpaired = int((neg < 0).sum())
     else:  # nothing to mine: skip the scoring and the solve
         _check_noise(noise_scale)
@@ -510,3 +495,127 @@ def logit_scorer(model: Any, embeddings: Any, max_elements: int = 1 << 24) -> Sc
         return logits.detach().to("cpu", torch.float64).numpy()
 
     return score_block
+
+
+# --- an assignment for a whole training split, and the pairs an epoch draws from it -----------
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The mined pairs of every pairing unit (a group, or a shard where there are no groups), as image keys.
+
+    Made at epoch ``epoch`` and served until the next mining epoch: epoch ``e`` takes the slice
+    ``(e - epoch) * k .. + k`` of each unit's pairs (cycling), so the pairs an epoch trains on
+    are a pure function of ``(assignment, epoch)``. ``used`` (per unit, the pair keys over the
+    unit's images sorted by image key) is what the next mining excludes. Small: it travels
+    through Ray's object store to the pair stage and is stored with each checkpoint.
+    """
+
+    epoch: int
+    unit: np.ndarray  # str (M,)
+    left_key: np.ndarray  # int64 (M,) image keys (siamese_core.pairs.name_keys of the image ids)
+    right_key: np.ndarray  # int64 (M,)
+    same: np.ndarray  # float32 (M,)
+    used: dict[str, np.ndarray]
+    share: float
+
+    def __len__(self) -> int:
+        return int(self.unit.shape[0])
+
+    def take(self, unit: str, epoch: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``count`` of the unit's pairs for ``epoch`` (fewer only when the unit has no mined pair)."""
+        rows = np.flatnonzero(self.unit == unit)
+        if rows.size == 0 or count <= 0:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, np.zeros(0, np.float32)
+        start = (epoch - self.epoch) * count
+        pick = rows[(start + np.arange(count)) % rows.size]
+        return self.left_key[pick], self.right_key[pick], self.same[pick]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "unit": self.unit.astype(str).tolist(), "left_key": self.left_key,
+                "right_key": self.right_key, "same": self.same, "used": dict(self.used), "share": self.share}
+
+    @staticmethod
+    def from_state_dict(state: dict[str, Any]) -> "Assignment":
+        as_np = (lambda a: a.numpy() if hasattr(a, "numpy") else np.asarray(a))
+        return Assignment(epoch=int(state["epoch"]), unit=np.asarray(state["unit"], dtype=object),
+                          left_key=as_np(state["left_key"]).astype(np.int64),
+                          right_key=as_np(state["right_key"]).astype(np.int64),
+                          same=as_np(state["same"]).astype(np.float32),
+                          used={u: as_np(v).astype(np.int64) for u, v in state["used"].items()},
+                          share=float(state["share"]))
+
+
+def mine_assignment(model: Any, embeddings: Any, image_keys: np.ndarray, class_keys: np.ndarray,
+                    units: np.ndarray, pairs_of_unit: dict[str, int], cfg: Any, seed: int, epoch: int,
+                    previous: "Assignment | None" = None) -> Assignment:
+    """Mine every unit's pairs for the ``cfg.every`` epochs from ``epoch`` (``cfg``: a MiningConfig).
+
+    ``embeddings`` ``[N, D]`` (torch, any device) are the training images' embeddings by the current
+    model, ``image_keys``/``class_keys``/``units`` their keys and pairing units, in any order: within a
+    unit the images are put in image-key order, so the result does not depend on which worker embedded
+    what. A unit with ``n`` pairs per epoch gets ``round(share * n) * every`` mined pairs, or fewer where
+    its images do not have that many distinct ones (:func:`mine_pairs`); epochs then cycle through them.
+    """
+    import torch
+
+    from .pairs import unit_seed
+
+    image_keys, class_keys = np.asarray(image_keys, np.int64), np.asarray(class_keys, np.int64)
+    units = np.asarray(units, dtype=object)
+    if np.unique(image_keys).size != image_keys.size:
+        raise ValueError("an image was embedded twice: each training image must be mined exactly once")
+    schedule = NoiseSchedule(cfg.noise_start, cfg.noise_end, cfg.noise_epochs, cfg.noise_shape, cfg.first_epoch)
+    out_unit, out_left, out_right, out_same, used = [], [], [], [], {}
+    for unit in sorted(set(units.tolist())):
+        rows = np.flatnonzero(units == unit)
+        rows = rows[np.argsort(image_keys[rows], kind="stable")]
+        labels = np.unique(class_keys[rows], return_inverse=True)[1]
+        if np.unique(labels).size < 2:
+            continue
+        per_epoch = int(round(cfg.share * pairs_of_unit.get(unit, 0)))
+        h = embeddings.index_select(0, torch.as_tensor(rows, device=embeddings.device))
+        mined = mine_pairs(labels, logit_scorer(model, h), seed=unit_seed(seed, unit), epoch=epoch,
+                           n_pairs=per_epoch * cfg.every, noise_scale=schedule.scale(epoch),
+                           used=previous.used.get(unit) if (previous is not None and cfg.exclude_used) else None,
+                           block_size=cfg.block_size)
+        if len(mined) == 0:
+            continue
+        out_unit += [unit] * len(mined)
+        out_left.append(image_keys[rows][mined.left])
+        out_right.append(image_keys[rows][mined.right])
+        out_same.append(mined.same)
+        used[unit] = mined.used
+    cat = (lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype))
+    return Assignment(epoch=epoch, unit=np.asarray(out_unit, dtype=object), left_key=cat(out_left, np.int64),
+                      right_key=cat(out_right, np.int64), same=cat(out_same, np.float32), used=used,
+                      share=float(cfg.share))
+
+
+def epoch_pairs(label: np.ndarray, image_keys: np.ndarray, cfg_pairs: Any, seed: int, epoch: int, unit: str,
+                n: int, source: Optional[np.ndarray], negatives: str,
+                assignment: "Assignment | None") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One unit's pairs for an epoch as row indices into its rows: random ones, and the assignment's share.
+
+    The one place that makes an epoch's pairs, for the Ray pair stage and the plain loop alike.
+    """
+    from .pairs import unit_pairs
+
+    k = int(round(assignment.share * n)) if assignment is not None else 0
+    left_key, right_key, same = assignment.take(unit, epoch, k) if assignment is not None else \
+        (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+    n_random = n - left_key.size
+    parts_left, parts_right, parts_same = [], [], []
+    if n_random >= 2:
+        p = unit_pairs(None, label, cfg_pairs, seed, epoch, unit, n_random, source=source,
+                       negatives=negatives)  # type: ignore[arg-type]
+        parts_left.append(p.left)
+        parts_right.append(p.right)
+        parts_same.append(p.same)
+    if left_key.size:
+        row_of = {int(k_): i for i, k_ in enumerate(np.asarray(image_keys).tolist())}
+        parts_left.append(np.asarray([row_of[int(k_)] for k_ in left_key], np.int64))
+        parts_right.append(np.asarray([row_of[int(k_)] for k_ in right_key], np.int64))
+        parts_same.append(same)
+    return (np.concatenate(parts_left), np.concatenate(parts_right), np.concatenate(parts_same).astype(np.float32))

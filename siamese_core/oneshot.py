@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from siamese_core.config import OneShotConfig
+from siamese_core.config import ConfigError, OneShotConfig
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``score_fn(query_rows [Q], support_rows [S]) -> similarities [Q, S]``, higher = more similar."""
@@ -104,7 +104,7 @@ def make_episodes(
     has none) are parallel arrays over the rows; ``groups`` (default: every group,
     sorted) says which groups, in which order. Row indices point into the given
     arrays. Runs of one group use different source pairs (disjoint sources while
-    enough remain). Deterministic in ``seed``; ValueError when a group has too few
+    enough remain). Deterministic in ``seed``; ConfigError when a group has too few
     classes.
     """
     label = np.asarray(label).astype(np.int64, copy=False)
@@ -123,9 +123,10 @@ def make_episodes(
         classes = np.asarray([c for c, r in by_class.items() if r.size >= cfg.k_shot], dtype=np.int64)
         queryable = {c for c, r in by_class.items() if r.size > cfg.k_shot}
         if classes.size < cfg.n_way or not queryable:
-            raise ValueError(f"group {name!r} has {len(queryable)} classes with images enough for "
-                             f"{cfg.k_shot} support(s) and a query (and {classes.size} in all), "
-                             f"fewer than n_way={cfg.n_way}")
+            raise ConfigError(f"group {name!r} has {len(queryable)} classes with images enough for "
+                              f"{cfg.k_shot} support(s) and a query (and {classes.size} in all), "
+                              f"fewer than n_way={cfg.n_way}: ask for a smaller --n-way (evaluation.n_way) "
+                              f"or --k-shot")
         cell: dict[tuple[int, int], int] = {}  # (class, source) -> first row, for Lake's way
         if source is not None:
             for r in rows.tolist():

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# What the Makefile exports, for a bare `pytest` too: set before any test module imports Ray,
+# which reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is imported (bind to loopback, one host).
+for _key, _value in (("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"), ("AWS_EC2_METADATA_DISABLED", "true"),
+                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("RAY_USAGE_STATS_ENABLED", "0")):
+    os.environ.setdefault(_key, _value)
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OMNIGLOT = PROJECT_ROOT.parent / "shared" / "data" / "omniglot"
 
@@ -32,9 +38,6 @@ from s3_server import s3_env, s3_server  # noqa: E402,F401  (moto_server subproc
 def ray_cluster():
     """One private local Ray instance for the whole session (startup costs ~10 s here)."""
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to loopback only
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
     started = not ray.is_initialized()
     if started:
         from workflows.ray_setup import local_logical_cpus

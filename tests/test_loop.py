@@ -259,3 +259,84 @@ def test_colour_images_train_through_the_same_loop() -> None:
     result = fit(dataclasses.replace(_recipe(epochs=2), model=rgb), train, val, log=None)
     assert result.model.conv1.in_channels == 3 and result.model.config.preprocess.color == "rgb"
     assert result.history[-1]["train_loss"] < np.log(2)
+
+
+def _mined(recipe: TrainingRecipe, **mining: object) -> TrainingRecipe:
+    from siamese_core.config import MiningConfig
+
+    return dataclasses.replace(recipe, mining=MiningConfig(policy="mined", **mining))  # type: ignore[arg-type]
+
+
+def test_mined_pairs_come_from_the_assignment_and_follow_it_epoch_by_epoch() -> None:
+    from siamese_core.mining import mine_assignment
+
+    train = _synthetic(seed=0)
+    recipe = _mined(_recipe(), every=2, first_epoch=1, share=0.5, noise_start=0.0, noise_end=0.0)
+    # few pairs an epoch: a group of 36 images yields ~36 "same" and ~18 distinct "different" pairs
+    recipe = dataclasses.replace(recipe, pairs=dataclasses.replace(recipe.pairs, pairs_per_epoch=64))
+    pairs = MemoryPairs(train, recipe)
+    net = new_model(recipe.model, 0)
+    h, image_keys, class_keys, units = pairs.embed_all(net)
+    assert np.unique(image_keys).size == len(train)  # every image once
+    per_unit = {u: n for u, _, n in pairs.units}
+    assignment = mine_assignment(net, h, image_keys, class_keys, units, per_unit, recipe.mining, 0, epoch=1)
+    again = mine_assignment(net, h, image_keys, class_keys, units,
+                            per_unit, recipe.mining, 0, epoch=1)
+    assert np.array_equal(assignment.left_key, again.left_key)  # the same model and seed: the same pairs
+    # the assignment's "different" pairs are two classes, its "same" pairs one, and never an image with itself
+    cls = dict(zip(image_keys.tolist(), class_keys.tolist()))
+    left_cls = np.array([cls[k] for k in assignment.left_key.tolist()])
+    right_cls = np.array([cls[k] for k in assignment.right_key.tolist()])
+    assert np.array_equal(left_cls == right_cls, assignment.same == 1.0)
+    assert not (assignment.left_key == assignment.right_key).any()
+    assert len(assignment) == sum(round(0.5 * n) * 2 for n in per_unit.values())
+    pairs.publish(assignment)
+    chunks = {e: list(pairs(e)) for e in (1, 2)}
+    keys = {e: set(zip(torch.cat([c["left_image"] for c in chunks[e]]).tolist(),
+                       torch.cat([c["right_image"] for c in chunks[e]]).tolist())) for e in (1, 2)}
+    mined = set(zip(assignment.left_key.tolist(), assignment.right_key.tolist()))
+    k = sum(round(0.5 * n) for n in per_unit.values())
+    assert len(keys[1] & mined) >= 0.9 * k and len(keys[2] & mined) >= 0.9 * k  # half of each epoch is mined
+    assert keys[1] & mined != keys[2] & mined  # epoch 2 takes the assignment's next slice
+    assert all(torch.equal(a["left"], b["left"]) for a, b in zip(chunks[1], list(pairs(1))))  # pure in (epoch, it)
+
+
+def test_mining_runs_on_its_epochs_and_a_resumed_run_uses_the_stored_assignment() -> None:
+    train, val = _synthetic(seed=0), _synthetic(seed=1)
+    recipe = _mined(_recipe(epochs=4), every=2, first_epoch=1, share=0.5)
+    result = fit(recipe, train, val, log=None)
+    mined_at = [row["epoch"] for row in result.history if "mining_seconds" in row]
+    assert mined_at == [1, 3]
+    for row in result.history:
+        if "mining_seconds" in row:
+            assert row["mining_images"] == len(train) and row["mined_pairs"] > 0 and row["mining_seconds"] > 0
+            assert row["epoch_seconds"] >= row["mining_seconds"]  # mining counts against the budget
+    # stopped after epoch 1 (its assignment made) and resumed: the same weights as one run
+    whole, whole_model = _loop(recipe, val)
+    pairs = MemoryPairs(train, recipe)
+    from siamese_core.loop import Miner
+
+    def miner_for(loop: TrainingLoop, source: MemoryPairs) -> Miner:
+        return Miner(recipe, lambda: loop.net, lambda: source.embed_all(loop.net), source.publish, source.has_groups,
+                     source.n_units, source.total_classes)
+
+    whole.run(pairs, prepare=miner_for(whole, pairs))
+    first, first_model = _loop(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, epochs=2)),
+                               val)
+    first_pairs = MemoryPairs(train, recipe)
+    state = first.run(first_pairs, prepare=miner_for(first, first_pairs))
+    assert state.mining is not None and state.mining["epoch"] == 1
+    from siamese_core.checkpoint import plain
+
+    saved = (first_model.state_dict(), first.optimizer.state_dict(), plain(state.state_dict()))
+    resumed, resumed_model = _loop(recipe, val)
+    resumed_model.load_state_dict(saved[0])
+    resumed.optimizer.load_state_dict(saved[1])
+    fresh_pairs = MemoryPairs(train, recipe)
+    restored = LoopState.from_state_dict(saved[2], recipe.training.patience)
+    miner = miner_for(resumed, fresh_pairs)
+    miner.restore(restored)  # epoch 2 has no mining of its own: it needs epoch 1's assignment
+    assert fresh_pairs.assignment is not None and fresh_pairs.assignment.epoch == 1
+    resumed.run(fresh_pairs, restored, prepare=miner)
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key

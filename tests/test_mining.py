@@ -234,7 +234,6 @@ def test_noise_changes_the_partners_and_zero_noise_does_not():
     (dict(scores=lambda r, c: np.zeros((r.size, 1))), ValueError, "score_block returned shape"),
     (dict(noise_scale=-1.0), ValueError, "noise_scale must be"),
     (dict(block_size=1), ValueError, "block_size must be"),
-    (dict(solver="hungarian"), ValueError, "solver must be one of"),
     (dict(exclude=np.array([[0, 9]])), ValueError, "exclude pairs must index images"),
 ])
 def test_hard_negatives_rejects_bad_arguments(kwargs, error, match):
@@ -242,23 +241,6 @@ def test_hard_negatives_rejects_bad_arguments(kwargs, error, match):
                 rng=np.random.default_rng(0))
     with pytest.raises(error, match=match):
         hard_negatives(**{**args, **kwargs})
-
-
-def test_lap_solver_is_optional_and_imported_only_when_asked(monkeypatch):
-    values = np.random.default_rng(0).normal(0, 1, (5, 5))
-    monkeypatch.setitem(sys.modules, "lap", None)  # as if not installed
-    assert assign(values, "scipy").tolist() == assign(values).tolist()
-    with pytest.raises(ImportError, match="pip install lap"):
-        assign(values, "lap")
-
-
-def test_lap_solver_agrees_with_scipy_when_installed():
-    pytest.importorskip("lap")
-    labels = labels_of([20] * 15)
-    scores = np.random.default_rng(9).normal(0, 3, (300, 300))
-    a = hard_negatives(scores, labels, 1.0, np.random.default_rng(1), solver="scipy")
-    b = hard_negatives(scores, labels, 1.0, np.random.default_rng(1), solver="lap")
-    assert a.tolist() == b.tolist()
 
 
 # --- same partners ------------------------------------------------------------------------

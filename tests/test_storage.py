@@ -47,7 +47,33 @@ def test_resolve_s3_endpoint_from_option_and_env(monkeypatch: pytest.MonkeyPatch
     assert storage.endpoint_of(fs) == "http://10.0.0.1:1234"
     assert storage.s3_options(fs)["access_key"] == "AKIDEXAMPLE"
     assert "secret_key" not in storage.s3_options(fs)
-    assert os.environ["AWS_EC2_METADATA_DISABLED"] == "true"
+
+
+def test_importing_the_packages_changes_no_environment() -> None:
+    """No side effect on import: on an AWS node an inherited AWS_EC2_METADATA_DISABLED=true would
+    hide the instance profile's credentials, so no module may set it (or anything else)."""
+    import subprocess
+    import sys
+
+    modules = ["siamese_core", "workflows"] + [f"siamese_core.{m}" for m in (
+        "config", "model", "images", "loop", "evaluation", "reid", "retrieval", "mining", "serving", "omniglot")] + [
+        f"workflows.{m}" for m in ("storage", "shards", "sources", "ingest", "data", "train", "tune", "evaluate",
+                                   "predict", "embed", "tracking", "ray_setup", "models", "config", "download")]
+    # the libraries' own import effects (Ray sets RAY_CLIENT_MODE) are theirs: measure from after them
+    code = ("import json, os, sys, torch, pyarrow.fs, mlflow, ray, ray.data, ray.train, ray.tune\n"
+            "before = dict(os.environ)\n"
+            f"for name in {modules!r}: __import__(name)\n"
+            "after = dict(os.environ)\n"
+            "print(json.dumps({k: [before.get(k), after.get(k)] for k in set(before) | set(after) "
+            "if before.get(k) != after.get(k)}))")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_EC2_METADATA_DISABLED", "MLFLOW_DISABLE_TELEMETRY",
+                                                             "RAY_USAGE_STATS_ENABLED",
+                                                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert changed == {}, changed
 
 
 @pytest.mark.parametrize("uri", ["s3://ab/x", "gs://bucket/x", "s3://my-bucket/x?endpoint=ftp://h"])

@@ -131,17 +131,23 @@ def test_epochs_are_selected_on_single_view_validation(trained, small_shards) ->
     assert summary["best_val_oneshot_accuracy"] == pytest.approx(one_view, abs=1e-9)
 
 
-def test_the_ray_job_and_the_plain_loop_train_the_same_epochs(small_shards, tmp_path, monkeypatch) -> None:
+MINED = {"mining.policy": "mined", "mining.first_epoch": "0", "mining.every": "1"}
+
+
+@pytest.mark.parametrize("mining", [{}, MINED], ids=["random-pairs", "mined-pairs"])
+def test_the_ray_job_and_the_plain_loop_train_the_same_epochs(small_shards, tmp_path, monkeypatch,
+                                                              mining: dict[str, str]) -> None:
     """One loop: with one worker, the Ray Train job (pairs streamed by Ray Data) and ``siamese_core.loop.fit``
-    (pairs drawn in this process) log the same losses and validation scores, epoch for epoch; and the
-    driver reads the data set's manifest once, whatever asks for it."""
+    (pairs drawn in this process) log the same losses and validation scores, epoch for epoch, with random
+    pairs and with mined ones (the worker's assignment reaches the Ray Data pair stage); and the driver
+    reads the data set's manifest once, whatever asks for it."""
     from siamese_core.loop import fit
     from workflows import shards
 
     reads = []
     original = shards.read_manifest_at
     monkeypatch.setattr(shards, "read_manifest_at", lambda loc: (reads.append(loc.uri), original(loc))[1])
-    overrides = _overrides(small_shards, tmp_path, **{"cluster.workers": "1", "cluster.name": "one"})
+    overrides = _overrides(small_shards, tmp_path, **{"cluster.workers": "1", "cluster.name": "one"}, **mining)
     cfg = job_config.build("demo", overrides=overrides)
     summary = train.run(cfg, "demo", overrides)
     assert reads == [small_shards]
@@ -149,7 +155,7 @@ def test_the_ray_job_and_the_plain_loop_train_the_same_epochs(small_shards, tmp_
 
     client = MlflowClient(summary["tracking_uri"])
     logged = {k: [m.value for m in sorted(client.get_metric_history(summary["run_id"], k), key=lambda m: m.step)]
-              for k in ("train_loss", "val_verification_accuracy", "val_oneshot_accuracy", "steps")}
+              for k in ("train_loss", "val_verification_accuracy", "val_oneshot_accuracy", "steps", "mined_pairs")}
     resolved, _ = train.fit_to_data(cfg, overrides, DataSet.open(small_shards))
     dataset = DataSet.open(small_shards)
     images = {s: dataset.load_images(s, resolved.model.input_size, resolved.model.preprocess)
@@ -163,6 +169,22 @@ def test_the_ray_job_and_the_plain_loop_train_the_same_epochs(small_shards, tmp_
         torch.set_num_threads(threads)
     for key in ("train_loss", "val_verification_accuracy", "val_oneshot_accuracy", "steps"):
         assert [row[key] for row in plain.history] == logged[key], key
+    assert [row["mined_pairs"] for row in plain.history if "mined_pairs" in row] == logged["mined_pairs"]
+    assert len(logged["mined_pairs"]) == (2 if mining else 0)
+
+
+def test_mining_on_two_workers_embeds_each_training_image_once(small_shards, tmp_path) -> None:
+    """Each worker embeds its shards, the gathered embeddings cover the training split once
+    (an image twice would be refused), and rank 0's assignment feeds both workers' pair stages."""
+    overrides = _overrides(small_shards, tmp_path, **{"cluster.name": "mined"}, **MINED)
+    summary = train.run(job_config.build("demo", overrides=overrides), "demo", overrides)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    images = [m.value for m in client.get_metric_history(summary["run_id"], "mining_images")]
+    mined = [m.value for m in client.get_metric_history(summary["run_id"], "mined_pairs")]
+    n_train = len(DataSet.open(small_shards).read_table("train", ["image_id"]))
+    assert images == [n_train, n_train] and all(m > 0 for m in mined)
 
 
 def test_a_colour_data_set_trains_on_two_workers_and_predicts(ray_cluster, tmp_path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from siamese_core.config import (LAYER_NAMES, RECIPES, ConfigError, DistortionConfig, EvaluationConfig,
-                                 ModelConfig, OptimizerConfig, PairConfig, TrainingConfig, TrainingRecipe,
-                                 _require, apply_overrides)
+                                 MiningConfig, ModelConfig, OptimizerConfig, PairConfig, TrainingConfig,
+                                 TrainingRecipe, _require, apply_overrides)
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,7 @@ class JobConfig:
     pairs: PairConfig = field(default_factory=PairConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
     data: DataSection = field(default_factory=DataSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -183,7 +184,8 @@ class JobConfig:
     @property
     def recipe(self) -> TrainingRecipe:
         return TrainingRecipe(model=self.model, optim=self.optim, distort=self.distort,
-                              pairs=self.pairs, training=self.training, evaluation=self.evaluation)
+                              pairs=self.pairs, training=self.training, evaluation=self.evaluation,
+                              mining=self.mining)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,7 +198,7 @@ def from_recipe(name: str) -> JobConfig:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     r = RECIPES[name]
     return JobConfig(model=r.model, optim=r.optim, distort=r.distort, pairs=r.pairs, training=r.training,
-                     evaluation=r.evaluation)
+                     evaluation=r.evaluation, mining=r.mining)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

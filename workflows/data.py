@@ -38,7 +38,8 @@ import numpy as np
 from siamese_core.config import ModelConfig, PairConfig
 from siamese_core.images import decode_image
 from siamese_core.loop import unit_name
-from siamese_core.pairs import name_keys, pairs_per_unit, unit_pairs
+from siamese_core.mining import Assignment, epoch_pairs
+from siamese_core.pairs import name_keys, pairs_per_unit
 
 PAIR_COLUMNS = ("left", "right", "same", "left_class", "right_class", "left_image", "right_image", "epoch")
 
@@ -170,22 +171,42 @@ def process_cache(max_bytes: int) -> ShardCache:
 
 
 class EpochClock:
-    """The epoch the Train workers are on, for the pair stage's tasks to read.
+    """The epoch the Train workers are on, and the mined assignment in force, for the pair stage's tasks.
 
     Why an actor: Ray Data runs the stage in its own tasks, and its execution
     counter starts again at 0 whenever Ray Train restarts the workers, so only
     the workers know which epoch they are about to train. Workers call
-    ``set`` before iterating an epoch; the stage calls ``get`` once per task.
+    ``set`` before iterating an epoch (and ``set_assignment`` after mining); the
+    stage calls ``get`` once per task. The assignment stays in the object store:
+    the clock holds its reference, boxed in a list so Ray passes the reference itself.
     """
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.assignment: list | None = None
 
     def set(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def get(self) -> int:
-        return self.epoch
+    def set_assignment(self, boxed: list | None) -> None:
+        self.assignment = boxed
+
+    def get(self) -> tuple[int, list | None]:
+        return self.epoch, self.assignment
+
+
+_ASSIGNMENTS: dict[str, Assignment] = {}
+
+
+def assignment_of(ref: Any) -> Assignment:
+    """The mined assignment behind an object reference, fetched once per process."""
+    import ray
+
+    key = ref.hex()
+    if key not in _ASSIGNMENTS:
+        _ASSIGNMENTS.clear()  # one assignment is in force at a time
+        _ASSIGNMENTS[key] = Assignment.from_state_dict(ray.get(ref))
+    return _ASSIGNMENTS[key]
 
 
 def clock_setter(clock: Any) -> Callable[[int], None]:
@@ -216,19 +237,21 @@ class PairStage:
         self.has_groups, self.n_units, self.total_classes = has_groups, n_units, total_classes
         self.negatives, self.clock, self.unknown_label = negatives, clock, unknown_label
 
-    def current_epoch(self) -> int:
-        """The workers' epoch from the clock; without one, the dataset's execution index."""
+    def current(self) -> tuple[int, Assignment | None]:
+        """The workers' epoch and mined assignment from the clock; without one, the execution index."""
         if self.clock is None:
-            return current_execution_index()
+            return current_execution_index(), None
         import ray
 
-        return int(ray.get(self.clock.get.remote()))
+        epoch, boxed = ray.get(self.clock.get.remote())
+        return int(epoch), (None if boxed is None else assignment_of(boxed[0]))
 
     def decoded_shard(self, rows: dict[str, np.ndarray], shard_index: int) -> DecodedShard:
         return DecodedShard.from_rows(rows, self.pair_cfg, self.model, shard_index, self.unknown_label)
 
-    def pairs_for_shard(self, shard: DecodedShard, epoch: int) -> dict[str, np.ndarray]:
-        outputs = [self.pairs_for_unit(shard, name, epoch) for name in sorted(set(shard.unit.tolist()))]
+    def pairs_for_shard(self, shard: DecodedShard, epoch: int,
+                        assignment: Assignment | None = None) -> dict[str, np.ndarray]:
+        outputs = [self.pairs_for_unit(shard, name, epoch, assignment) for name in sorted(set(shard.unit.tolist()))]
         if not outputs:
             size, channels = self.model.input_size, self.model.preprocess.resolved().channels
             empty = np.zeros((0, channels, size, size), dtype=np.uint8)
@@ -237,19 +260,20 @@ class PairStage:
                     "right_class": keys, "left_image": keys, "right_image": keys, "epoch": np.zeros(0, np.int32)}
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
-    def pairs_for_unit(self, shard: DecodedShard, unit: str, epoch: int) -> dict[str, np.ndarray]:
+    def pairs_for_unit(self, shard: DecodedShard, unit: str, epoch: int,
+                       assignment: Assignment | None = None) -> dict[str, np.ndarray]:
         rows = np.flatnonzero(shard.unit == unit)
         n = pairs_per_unit(self.pair_cfg, self.has_groups, self.n_units, np.unique(shard.label[rows]).size,
                            self.total_classes)
-        pairs = unit_pairs(None, shard.label[rows], self.pair_cfg, self.seed, epoch, unit, n,
-                           source=None if shard.source is None else shard.source[rows],
-                           negatives=self.negatives)  # type: ignore[arg-type]
-        left, right = rows[pairs.left], rows[pairs.right]
+        left, right, same = epoch_pairs(shard.label[rows], shard.image_key[rows], self.pair_cfg, self.seed, epoch,
+                                        unit, n, None if shard.source is None else shard.source[rows],
+                                        self.negatives, assignment)
+        left, right = rows[left], rows[right]
         shard.ensure_decoded(np.unique(np.concatenate([left, right])), self.model)
-        return {"left": shard.images[left], "right": shard.images[right], "same": pairs.same.astype(np.float32),
+        return {"left": shard.images[left], "right": shard.images[right], "same": same,
                 "left_class": shard.class_key[left], "right_class": shard.class_key[right],
                 "left_image": shard.image_key[left], "right_image": shard.image_key[right],
-                "epoch": np.full(len(pairs), epoch, dtype=np.int32)}
+                "epoch": np.full(len(same), epoch, dtype=np.int32)}
 
 
 class ShardPairs:
@@ -269,7 +293,7 @@ class ShardPairs:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cache = process_cache(self.cache_bytes)
-        epoch = self.stage.current_epoch()
+        epoch, assignment = self.stage.current()
         outputs = []
         for path, index in zip(batch["path"], batch["index"]):
             key = (self.dataset.manifest.content_checksum, str(path), self.stage.model.input_size,
@@ -278,7 +302,7 @@ class ShardPairs:
             if shard is None:
                 shard = self.stage.decoded_shard(self.read(str(path)), int(index))
                 cache.put(key, shard)
-            outputs.append(self.stage.pairs_for_shard(shard, epoch))
+            outputs.append(self.stage.pairs_for_shard(shard, epoch, assignment))
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
 
     def read(self, path: str) -> dict[str, np.ndarray]:
@@ -362,8 +386,10 @@ class EpochStream:
 
     def __init__(self, shard: Any, chunk_pairs: int, batch_size: int, *,
                  announce: Callable[[int], None] | None = None, shuffle_buffer: int = 0, seed: int = 0,
-                 end_epoch: int | None = None, queue_chunks: int = 8) -> None:
+                 end_epoch: int | None = None, queue_chunks: int = 8,
+                 fresh: Callable[[int], bool] | None = None) -> None:
         self.shard, self.announce = shard, announce
+        self.fresh = fresh  # epochs whose pass must not start early: mining changes their pairs first
         self.chunk_pairs, self.batch_size = chunk_pairs, batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.end_epoch = end_epoch
@@ -401,7 +427,8 @@ class EpochStream:
             self._pass = None
 
     def _start(self, epoch: int) -> "_Pass":
-        last = self.end_epoch is not None and epoch + 1 >= self.end_epoch
+        last = (self.end_epoch is not None and epoch + 1 >= self.end_epoch) or \
+            (self.fresh is not None and self.fresh(epoch + 1))
         return _Pass(epoch, self.queue_chunks, lambda: self._chunks(epoch), None if last else self._start)
 
     def _chunks(self, epoch: int) -> Iterator[dict[str, Any]]:
@@ -417,7 +444,7 @@ def worker_stream(shard: Any, cfg: Any, clock: Any, end_epoch: int | None = None
     return EpochStream(shard, cfg.data.chunk_pairs, cfg.training.batch_size, announce=clock_setter(clock),
                        shuffle_buffer=cfg.data.shuffle_buffer_pairs, seed=cfg.training.seed,
                        end_epoch=cfg.training.epochs if end_epoch is None else end_epoch,
-                       queue_chunks=cfg.data.prefetch_chunks)
+                       queue_chunks=cfg.data.prefetch_chunks, fresh=cfg.mining.mines_at)
 
 
 _END = object()

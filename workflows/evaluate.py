@@ -39,12 +39,28 @@ class Evaluation:
 
 
 @dataclass(frozen=True)
+class Reid:
+    """Re-identification of one model: the validation ranking (with its chosen threshold) and the test's."""
+
+    validation: Any  # siamese_core.reid.Ranking, threshold chosen here
+    test: Any  # siamese_core.reid.Ranking, the same threshold
+    images: LabelledImages  # the test split (pictures)
+    baseline: dict[str, float]  # pixel embeddings, ranked the same way, the same threshold rule
+    invert: bool = False  # how the images were preprocessed (pictures show ink dark)
+
+    @property
+    def threshold_p(self) -> float:
+        return float(1.0 / (1.0 + np.exp(-self.validation.threshold)))
+
+
+@dataclass(frozen=True)
 class Report:
-    """What a finished model reports: its test episodes, the pixel baseline on the same ones, one view."""
+    """What a finished model reports: its test episodes, the pixel baseline on them, one view; re-identification."""
 
     evaluation: Evaluation
     baseline: OneShotResult
     single_view_accuracy: float | None
+    reid: Reid | None = None
 
     @property
     def protocol(self) -> str:

@@ -69,3 +69,50 @@ def _duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+class EpochProgress:
+    """Training's display: the epoch, its loss, validation accuracy, the best so far and the time left.
+
+    Fed the latest epoch's metrics (as the job logs them to MLflow). On a terminal one line
+    is redrawn in place; into a file or pipe each epoch gets its line.
+    """
+
+    def __init__(self, epochs: int, budget_s: float | None, stream: TextIO | None = None) -> None:
+        self.epochs, self.budget_s = int(epochs), budget_s
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown_epoch: float | None = None
+        self.last = ""
+
+    def line(self, row: dict) -> str:
+        epoch = int(row["epoch"])
+        elapsed = float(row.get("elapsed_seconds", 0.0))
+        done = epoch + 1
+        by_epochs = elapsed / done * max(0, self.epochs - done) if done else None
+        left = by_epochs
+        if self.budget_s is not None:
+            left = max(0.0, self.budget_s - elapsed) if left is None else min(left, max(0.0, self.budget_s - elapsed))
+        best = row.get("best_val_oneshot_accuracy")
+        best_text = f", best {best:.2%} (epoch {int(row['best_epoch'])})" if best is not None and "best_epoch" in row \
+            else ""
+        limit = f"{_duration(self.budget_s)} budget" if self.budget_s is not None else f"{self.epochs} epochs"
+        return (f"training: epoch {epoch + 1}/{self.epochs}, loss {row['train_loss']:.4f}, "
+                f"validation {row['val_oneshot_accuracy']:.2%}{best_text}, {_duration(elapsed)} elapsed, "
+                f"{_duration(left or 0.0)} left of {limit}")
+
+    def show(self, row: dict) -> None:
+        if row.get("epoch") is None or "train_loss" not in row or "val_oneshot_accuracy" not in row:
+            return
+        if row["epoch"] == self.shown_epoch:
+            return
+        self.shown_epoch, self.last = row["epoch"], self.line(row)
+        self.stream.write(("\r\033[K" + self.last) if self.tty else self.last + "\n")
+        self.stream.flush()
+
+    def close(self, stop: str = "") -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+        if stop:
+            self.stream.write(f"training stopped: {stop}\n")
+        self.stream.flush()

@@ -2,10 +2,10 @@
 
 - Already initialised in this process (a test fixture, another workflow): reuse it.
 - ``RAY_ADDRESS`` set: join that cluster.
-- Otherwise start a private single-host instance with no usage stats, its
-  dashboard and everything else bound to loopback (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, see
-  REFERENCE.md: on these machines Ray otherwise binds to an address its own
-  driver cannot reach).
+- Otherwise start a private single-host instance, its dashboard bound to loopback.
+  On machines where Ray binds to an address its own driver cannot reach, start the
+  process with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the Makefile and the tests do):
+  Ray reads it when it is imported, so it belongs to the environment, not to this code.
 
 Workers do not inherit the driver's environment, so the S3 variables that are
 set (and telemetry switches) are forwarded through ``runtime_env["env_vars"]``.
@@ -20,14 +20,13 @@ from typing import Iterator
 
 from workflows.storage import S3_ENV_VARS
 
-FORWARDED_ENV = S3_ENV_VARS + ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_TRACKING_URI")
+FORWARDED_ENV = S3_ENV_VARS + ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_TRACKING_URI", "RAY_USAGE_STATS_ENABLED")
 
 
 def worker_env() -> dict[str, str]:
-    """Environment variables the driver has that Ray workers need too."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    env.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    return env
+    """Environment variables the driver has that Ray workers need too (only those it has: on a cloud
+    node, an unset ``AWS_EC2_METADATA_DISABLED`` leaves the instance's credentials usable)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
 
 
 def _job_env_var_keys() -> set[str]:
@@ -66,7 +65,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     in_job = _job_env_var_keys()
     env_vars = {k: v for k, v in worker_env().items() if k not in in_job}
     kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": not quiet,
@@ -80,7 +78,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
             env_vars["RAY_ADDRESS"] = address
         ray.init(address=address, **kwargs)
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # The dashboard (on loopback) serves Ray's state API, which Ray Train's placement-group
         # cleaner needs: without it, the resources of a trial that Tune stops are never freed
         # and later trials wait for them forever.

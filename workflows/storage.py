@@ -16,9 +16,6 @@ even where Ray Train never retries (its controller writing its own state).
 ``check_writable`` / ``check_readable`` probe the location before any
 work and turn a missing bucket, refused credentials or an unreachable endpoint
 into a :class:`StorageError` that names the URI and says what to fix.
-
-``AWS_EC2_METADATA_DISABLED=true`` is set (unless already set) on import so the
-AWS SDK never probes the cloud instance-metadata service for credentials.
 """
 
 from __future__ import annotations
@@ -33,8 +30,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-
-os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 CONNECT_TIMEOUT_S = float(os.environ.get("SIAMESE_S3_CONNECT_TIMEOUT", "3"))
 REQUEST_TIMEOUT_S = float(os.environ.get("SIAMESE_S3_REQUEST_TIMEOUT", "30"))

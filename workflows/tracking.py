@@ -40,7 +40,6 @@ def mlflow_run(tracking_uri: str, experiment: str, run_name: str,
 
     With ``run_id``, continue that run instead (a resumed training job stays one run).
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -450,3 +449,37 @@ def log_model(model: Any, registered_model: str | None, new_threshold: float | N
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "pandas"],
         )
     return info.model_uri
+
+
+@contextmanager
+def following_epochs(tracking_uri: str, run_id: str, show: Any, every_s: float = 2.0) -> Iterator[None]:
+    """Call ``show(latest metrics)`` as a running job logs its epochs to MLflow (a background thread).
+
+    The driver's progress display reads what the job records, so it shows exactly what
+    the MLflow run will hold, whichever process trained the epoch.
+    """
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    stop = threading.Event()
+    client = MlflowClient(tracking_uri)
+
+    def once() -> None:
+        try:
+            show(dict(client.get_run(run_id).data.metrics))
+        except Exception:  # noqa: BLE001 - a display must never fail the job; the next poll retries
+            pass
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            once()
+
+    thread = threading.Thread(target=poll, name="epoch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every_s + 5)
+        once()  # the last epoch, logged since the previous poll

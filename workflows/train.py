@@ -54,6 +54,42 @@ def _mean_across_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's value, in rank order ([obj] on a single worker)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mining_share(dataset: Any, cfg: JobConfig, net: Any, rank: int, world: int) -> Any:
+    """This rank's share of the training images (every ``world``-th shard), embedded for mining."""
+    import numpy as np
+    import torch
+
+    from siamese_core.loop import embed_for_mining
+    from workflows.data import DecodedShard
+
+    parts = []
+    columns = [c for c in ("image", "image_id", "label", "group", "source") if c in dataset.columns()]
+    for index, path in enumerate(dataset.shard_paths("train")):
+        if index % world != rank:
+            continue
+        table = dataset.read_shard(path, columns)
+        shard = DecodedShard.from_rows({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns},
+                                       cfg.pairs, net.config, index, dataset.manifest.unknown_label)
+        shard.ensure_decoded(np.arange(len(shard.label)), net.config)
+        parts.append((embed_for_mining(net, torch.from_numpy(shard.images)), shard.image_key, shard.class_key,
+                      shard.unit.astype(object)))
+    if not parts:
+        return torch.zeros((0, net.config.embedding_dim)), np.zeros(0, np.int64), np.zeros(0, np.int64), \
+            np.zeros(0, object)
+    return (torch.cat([p[0] for p in parts]), *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+
+
 def _nodes_in_use() -> int:
     """How many distinct Ray nodes this run's workers are on (recorded, so a user sees the spread)."""
     import ray
@@ -140,7 +176,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(row, checkpoint=checkpoint)
 
-    loop.run(stream.epoch, state, on_epoch=report)
+    miner = None
+    if cfg.mining.enabled:
+        import ray
+
+        from siamese_core.loop import Miner
+
+        clock = loop_config["epoch_clock"]
+
+        def publish(assignment: Any) -> None:  # rank 0 tells the pair stage (the other ranks' stages share it)
+            if rank == 0:
+                ray.get(clock.set_assignment.remote([ray.put(assignment.state_dict())]))
+
+        manifest = dataset.manifest
+        miner = Miner(cfg.recipe, lambda: loop.net, lambda: mining_share(dataset, cfg, loop.net, rank, world),
+                      publish, manifest.has_group, dataset.group_count("train") if manifest.has_group
+                      else len(dataset.shard_paths("train")), dataset.class_count("train"), rank=rank,
+                      gather=_all_gather, from_rank0=_broadcast)
+        miner.restore(state)
+    loop.run(stream.epoch, state, on_epoch=report, prepare=miner)
     stream.close()  # the next epoch's pass may have started already
 
 
