@@ -76,6 +76,7 @@ def configure_console(is_verbose: bool) -> None:
     _state["verbose"] = is_verbose
     if verbose():
         return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level when imported
     for name in ("mlflow", "alembic", "ray", "ray.data", "ray.train", "ray.tune", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for handler_owner in (logging.getLogger("ray"), logging.getLogger()):
@@ -102,6 +103,7 @@ def run(body: Callable[[], int | None], on_failure: Callable[[BaseException], st
     ``on_failure`` may turn a run-time failure into the command's own message (what was
     kept, how to resume); returning None leaves the default.
     """
+    _state["working"] = False
     try:
         code = body()
         return 0 if code is None else int(code)

@@ -74,7 +74,9 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 class ClusterSection:
     """How many Train workers, on what, and where checkpoints live."""
 
-    workers: int = 2
+    workers: int | None = None
+    """None: fit the cluster (one worker per ``gpus_per_worker`` GPUs on GPU; one per 4 CPUs, at
+    least 1, on CPU; one per trial in a search)."""
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 0.5
     """Fractional by default: on a 2-core machine two workers plus the data stage must all fit."""
@@ -86,16 +88,15 @@ class ClusterSection:
     max_failures: int = 2
     """Worker failures Ray Train recovers from (restarting from the last checkpoint)."""
     mixed_precision: bool = True
-    """bf16 autocast on GPU (ignored on CPU). On an H200 it doubled the paper network's
-    training step: 8,524 vs 4,150 pairs/s (benchmarks/gpu_bench.py)."""
+    """bf16 autocast on GPU (ignored on CPU): about twice the paper network's training step on
+    an H200 (benchmarks/RESULTS.md)."""
     channels_last: bool | None = None
-    """channels-last memory format: true, false, or none (default) to pick by device, which
-    means on for CPU workers (a 1.15-1.22x faster step for the demo on 2 cores) and off for
-    GPU workers (on an H200 it did not help the paper's network: fp32 3,933 vs 4,150
-    pairs/s, bf16 8,477 vs 8,524). See ``siamese_core.model.place_model``."""
+    """channels-last memory format: true, false, or none (default) to pick by device: on for
+    CPU workers, where it speeds the step up, off for GPU workers, where it did not help
+    (benchmarks/RESULTS.md). See ``siamese_core.model.place_model``."""
 
     def __post_init__(self) -> None:
-        _require(self.workers >= 1, f"cluster.workers must be >= 1, got {self.workers}")
+        _require(self.workers is None or self.workers >= 1, f"cluster.workers must be >= 1 or none, got {self.workers}")
         _require(self.gpus_per_worker >= 0, f"cluster.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         _require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         _require(self.placement_strategy in PLACEMENT_STRATEGIES,
@@ -258,11 +259,12 @@ def build(recipe: str = "demo", files: list[str] | None = None,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The configuration flags every job shares."""
     parser.add_argument("--recipe", default="demo", choices=sorted(RECIPES),
-                        help="starting point: 'demo' (CPU preset) or 'paper' (Koch's network)")
+                        help="starting point: 'demo' (the CPU recipe), 'paper' (Koch's network and schedule) or "
+                             "'paper-gpu' (Koch's network for one GPU) (default: %(default)s)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML/JSON file of config keys (repeatable; later files win)")
+                        help="YAML/JSON file of config keys (repeatable; later files win; default: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override one key, e.g. --set optim.lr=0.02 --set cluster.workers=4")
+                        help="override one key, e.g. --set optim.lr=0.02 --set cluster.workers=4 (repeatable; default: none)")
 
 
 def collect_overrides(args: argparse.Namespace, shortcuts: Mapping[str, str]) -> dict[str, Any]:

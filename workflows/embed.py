@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from workflows import storage
+from workflows import cli, storage
 from workflows.shards import SPLITS, DatasetError
 from workflows.storage import Location, StorageError
 
@@ -250,29 +250,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: CPU actors (default: %(default)s)")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: %(default)s)")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--overwrite", action="store_true", help="replace another model's gallery at --output")
+    cli.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workflows.models import ModelLoadError
-    from workflows.sources import SourceError
+    return cli.run(lambda: _main(argv))
 
-    args = build_parser().parse_args(argv)
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.configure_console(args.verbose)
     if args.actors < 1 or args.batch_size < 1:
-        print("error: --actors and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        embed(args.model, args.data, args.output, splits=args.split, actors=args.actors,
-              gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-              endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri, overwrite=args.overwrite)
-    except (EmbedError, ModelLoadError, StorageError, DatasetError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        parser.error("--actors and --batch-size must be >= 1")
+    embed(args.model, args.data, args.output, splits=args.split, actors=args.actors,
+          gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
+          endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri, overwrite=args.overwrite)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.embed import main as entry
+
+    sys.exit(entry())

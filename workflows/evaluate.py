@@ -22,7 +22,7 @@ from siamese_core.config import TEST_TIME_VIEWS, EvaluationConfig
 from siamese_core.images import LabelledImages
 from siamese_core.oneshot import OneShotResult, OneShotRun, pixel_nearest_neighbour, score_runs
 
-from workflows import tracking
+from workflows import cli, tracking
 
 BASELINES = ("pixel-nn",)
 
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=None,
                         help="pixel-nn: compare pixels at this size (default: the images' own when they share one, "
                              "else 64)")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// data")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// data (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI: where a models:/ or runs:/ --model is loaded from and "
                              "where the result is recorded (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -215,41 +215,41 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of a split's classes held out of the gallery as new (default: %(default)s)")
     parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="default: %(default)s")
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="also write a picture of a few trials (query, support set, choice) to this file (default: none)")
+    cli.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from siamese_core.config import ConfigError
-    from workflows.models import ModelLoadError, load_any
-    from workflows.shards import DataSet, DatasetError
-    from workflows.storage import StorageError
+    return cli.run(lambda: _main(argv))
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+def _main(argv: list[str] | None) -> int:
+    from siamese_core.config import ConfigError
+    from workflows.models import load_any
+    from workflows.shards import DataSet
+
+    args = build_parser().parse_args(argv)
+    cli.configure_console(args.verbose)
     started = time.perf_counter()
-    try:
-        evaluation_cfg = EvaluationConfig(n_way=args.n_way, k_shot=args.k_shot, runs_per_group=args.runs_per_group,
-                                          reid=args.reid, reid_new_share=args.reid_new_share)
-        dataset = DataSet.open(args.data, args.endpoint_url)
-        reid = None
-        if args.model in BASELINES:
-            scored = evaluate_baseline(dataset, args.split, args.seed, evaluation_cfg, args.size)
-            baseline = None
-        else:
-            model = load_any(args.model, args.endpoint_url, tracking_uri=args.tracking_uri,
-                             test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
-            scored = evaluate_model(model, dataset, args.split, args.seed, evaluation_cfg)
-            baseline = score_runs(scored.runs, pixel_nearest_neighbour(scored.images.as_float()))
-            if evaluation_cfg.reid_enabled(dataset.manifest.has_group):
-                if args.split == "validation":
-                    raise ConfigError("--reid chooses its threshold on validation and reports --split test")
-                reid = evaluate_reid(model, dataset, evaluation_cfg, args.seed, args.split)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ModelLoadError, StorageError, DatasetError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    evaluation_cfg = EvaluationConfig(n_way=args.n_way, k_shot=args.k_shot, runs_per_group=args.runs_per_group,
+                                      reid=args.reid, reid_new_share=args.reid_new_share)
+    dataset = DataSet.open(args.data, args.endpoint_url)
+    if args.reid and args.split == "validation":
+        raise ConfigError("--reid chooses its threshold on validation and reports --split test")
+    reid = None
+    if args.model in BASELINES:
+        scored = evaluate_baseline(dataset, args.split, args.seed, evaluation_cfg, args.size)
+        baseline = None
+    else:
+        model = load_any(args.model, args.endpoint_url, tracking_uri=args.tracking_uri,
+                         test_time_shift_px=args.test_time_shift_px, test_time_views=args.test_time_views)
+        scored = evaluate_model(model, dataset, args.split, args.seed, evaluation_cfg)
+        baseline = score_runs(scored.runs, pixel_nearest_neighbour(scored.images.as_float()))
+        if evaluation_cfg.reid_enabled(dataset.manifest.has_group) and args.split == "test":
+            reid = evaluate_reid(model, dataset, evaluation_cfg, args.seed, args.split)
+    cli.started_work()
     result = scored.result
     elapsed = time.perf_counter() - started
     print(f"{args.model} on {dataset.name} {args.split}: {result.accuracy:.2%} ({result.correct}/{result.trials} "
@@ -266,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['map5']:.3f}); with 'new' at p = {reid.threshold_p:.3f} (chosen on validation): MAP@5 "
               f"{m['map5_new']:.3f} (pixels {b['map5_new']:.3f})")
 
+    if args.figure:
+        import matplotlib.pyplot as plt
+
+        fig = tracking.oneshot_trials_figure(scored, args.split)
+        fig.savefig(args.figure, dpi=110)
+        plt.close(fig)
+        print(f"trials picture: {args.figure}")
     if not args.no_mlflow:
         uri = tracking.resolve_tracking_uri(args.tracking_uri)
         with tracking.mlflow_run(uri, args.experiment, run_name=f"evaluate-{dataset.name}-{args.model}-{args.split}",
@@ -287,4 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.evaluate import main as entry
+
+    sys.exit(entry())

@@ -57,7 +57,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from workflows import download, storage
+from workflows import cli, download, storage
 from workflows.shards import (MANIFEST_NAME, SPLITS, DataSet, DatasetError, Manifest, content_checksum_of,
                               read_manifest_at, schema)
 from workflows.sources import Entry, Listing, Problem, SourceError, omniglot_problems, open_source
@@ -498,6 +498,7 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
     table_schema = schema(listing.has_group, listing.has_source, listing.extra_fields)
     token = f"run-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     new_dirs = [loc.join(s) for s in SPLITS if not loc.is_s3 and not storage.exists(loc.fs, loc.join(s))]
+    cli.started_work()
     with ray_session():
         if state.problem is not None:
             log(f"[ingest] --overwrite: {state.problem}; removing the old manifest and "
@@ -553,13 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     table = parser.add_argument_group("table sources")
     table.add_argument("--image-column", help="column of image paths (default: image, path, file or filename)")
     table.add_argument("--label-column", help="column of labels (default: label, class or id)")
-    table.add_argument("--group-column", help="optional column of groups")
-    table.add_argument("--source-column", help="optional column of sources (camera, session, drawer)")
-    table.add_argument("--split-column", help="optional column of splits (train, val/validation, test)")
+    table.add_argument("--group-column", help="optional column of groups (default: none)")
+    table.add_argument("--source-column", help="optional column of sources: camera, session, drawer (default: none)")
+    table.add_argument("--split-column", help="optional column of splits: train, val/validation, test (default: none, seeded splits)")
     table.add_argument("--images-root", help="folder or s3:// prefix the image paths are relative to "
                                              "(default: the table's folder)")
     table.add_argument("--unknown-label", help="a label that marks unknown individuals (e.g. new_whale): kept, "
-                                               "never made a class")
+                                               "never made a class (default: none)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out bad images and rows (listed in the manifest) instead of stopping")
     parser.add_argument("--max-problems", type=int, default=20, help="bad files or rows named in the error "
@@ -582,33 +583,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"where downloads are kept (default {download.default_cache_dir()})")
     parser.add_argument("--checksum", action="append", default=[], metavar="NAME=ALGO:HEX",
-                        help="expected digest of a downloaded archive (repeatable), overriding the official one")
+                        help="expected digest of a downloaded archive (repeatable), overriding the official one (default: the official digests)")
     parser.add_argument("--checksums-file", type=Path, default=None,
-                        help="expected digests in sha256sum/md5sum format, for a mirror")
+                        help="expected digests in sha256sum/md5sum format, for a mirror (default: none)")
+    cli.add_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        checksums: dict[str, str] = {}
-        if args.checksums_file:
-            checksums.update({k: v for k, v in download.read_checksum_file(args.checksums_file).items()
-                              if k in download.ARCHIVE_FILES})
-        checksums.update(dict(download.parse_checksum_option(o) for o in args.checksum))
-        table_options = {k: getattr(args, k) for k in ("image_column", "label_column", "group_column",
-                                                       "source_column", "split_column", "images_root",
-                                                       "unknown_label") if getattr(args, k) is not None}
-        ingest(args.source, args.dest, endpoint_url=args.endpoint_url, overwrite=args.overwrite,
-               skip_bad=args.skip_bad, allow_subset=args.allow_subset, cache_dir=args.cache_dir,
-               checksums=checksums, kind=args.kind, groups=args.groups, table_options=table_options,
-               fractions=args.split_fractions, split_seed=args.split_seed, shard_mb=args.shard_mb,
-               invert=args.invert, max_problems=args.max_problems)
-    except (IngestError, StorageError, DatasetError, download.DownloadError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cli.configure_console(args.verbose)
+    checksums: dict[str, str] = {}
+    if args.checksums_file:
+        checksums.update({k: v for k, v in download.read_checksum_file(args.checksums_file).items()
+                          if k in download.ARCHIVE_FILES})
+    checksums.update(dict(download.parse_checksum_option(o) for o in args.checksum))
+    table_options = {k: getattr(args, k) for k in ("image_column", "label_column", "group_column",
+                                                   "source_column", "split_column", "images_root",
+                                                   "unknown_label") if getattr(args, k) is not None}
+    ingest(args.source, args.dest, endpoint_url=args.endpoint_url, overwrite=args.overwrite,
+           skip_bad=args.skip_bad, allow_subset=args.allow_subset, cache_dir=args.cache_dir,
+           checksums=checksums, kind=args.kind, groups=args.groups, table_options=table_options,
+           fractions=args.split_fractions, split_seed=args.split_seed, shard_mb=args.shard_mb,
+           invert=args.invert, max_problems=args.max_problems)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.ingest import main as entry
+
+    sys.exit(entry())

@@ -56,6 +56,7 @@ import numpy as np
 
 from siamese_core.config import TEST_TIME_VIEWS, ModelConfig
 from siamese_core.images import CorruptImageError, decode_image
+from workflows import cli
 
 
 class PredictError(Exception):
@@ -283,24 +284,28 @@ def write_ranked_csv(rows: Iterable[tuple[str, int, str, float]], stream: TextIO
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(lambda: _main(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="a checkpoint directory or model.pt (local or s3://), or an MLflow model URI "
                              "(models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/model)")
     against = parser.add_mutually_exclusive_group(required=True)
-    against.add_argument("--support", help="folder with one example image per class (one-shot)")
-    against.add_argument("--gallery", help="embeddings written by workflows.embed (a directory or s3://)")
+    against.add_argument("--support", help="folder with one example image per class (one-shot); this or --gallery (default: none)")
+    against.add_argument("--gallery", help="embeddings written by workflows.embed (a directory or s3://); this or --support (default: none)")
     parser.add_argument("--query", required=True, help="folder of images to classify (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5, help="--gallery: labels per query (default: %(default)s)")
     parser.add_argument("--new-threshold", default=None, metavar="P|auto",
                         help="--gallery: insert 'new' where the best match's probability falls below P; auto: "
-                             "the threshold stored with the model (chosen on validation)")
-    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
+                             "the threshold stored with the model (chosen on validation) (default: none, never 'new')")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI "
                              "or ./mlflow.db)")
-    parser.add_argument("--output", default=None, help="write the CSV to this file instead of stdout")
+    parser.add_argument("--output", default=None, help="write the CSV to this file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per embedding batch (default: %(default)s)")
     parser.add_argument("--test-time-shift-px", type=int, default=None, metavar="N",
                         help="compare images by their mean embedding over N-pixel shifts (0: one view, as in the "
@@ -308,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-time-views", default=None, choices=TEST_TIME_VIEWS,
                         help="which shifts are views: cross (up, down, left, right: 4N + 1) or square "
                              "(every shift within N px: (2N + 1)^2); default: the model's, model.test_time_views")
+    cli.add_arguments(parser)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.configure_console(args.verbose)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.top_k < 1:
@@ -316,38 +328,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_threshold is not None and args.gallery is None:
         parser.error("--new-threshold goes with --gallery")
 
-    try:
-        # Cheap checks first: a typo in a folder should not wait for the model to load.
-        support = read_support(args.support) if args.support else None
-        queries = read_queries(args.query)
-        model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px,
-                            args.test_time_views)
-        if support is None:
-            rows = predict_gallery(model, args.gallery, queries, args.top_k, args.new_threshold, args.endpoint_url,
-                                   args.batch_size)
-            write, what = (lambda stream: write_ranked_csv(rows, stream)), f"{len(rows)} ranked labels"
-        else:
-            if len(support.classes) == 1:
-                print(f"warning: support folder {args.support} has a single class "
-                      f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
-            predictions = predict(model, support, queries, batch_size=args.batch_size)
-            write = lambda stream: write_csv(predictions, stream)  # noqa: E731
-            what = f"{len(predictions)} predictions ({len(support.classes)} classes)"
-        if args.output is None:
-            write(sys.stdout)
-            sys.stdout.flush()
-        else:
-            try:
-                with open(args.output, "w", newline="", encoding="utf-8") as stream:
-                    write(stream)
-            except OSError as exc:
-                raise PredictError(f"cannot write --output {args.output}: {exc.strerror or exc}") from exc
-            print(f"wrote {what} to {args.output}", file=sys.stderr)
-    except PredictError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    # Cheap checks first: a typo in a folder should not wait for the model to load.
+    support = read_support(args.support) if args.support else None
+    queries = read_queries(args.query)
+    model = _load_model(args.model, args.endpoint_url, args.tracking_uri, args.test_time_shift_px,
+                        args.test_time_views)
+    if support is None:
+        rows = predict_gallery(model, args.gallery, queries, args.top_k, args.new_threshold, args.endpoint_url,
+                               args.batch_size)
+        write, what = (lambda stream: write_ranked_csv(rows, stream)), f"{len(rows)} ranked labels"
+    else:
+        if len(support.classes) == 1:
+            print(f"warning: support folder {args.support} has a single class "
+                  f"({support.classes[0]!r}); every query gets it", file=sys.stderr)
+        predictions = predict(model, support, queries, batch_size=args.batch_size)
+        write = lambda stream: write_csv(predictions, stream)  # noqa: E731
+        what = f"{len(predictions)} predictions ({len(support.classes)} classes)"
+    if args.output is None:
+        write(sys.stdout)
+        sys.stdout.flush()
+    else:
+        try:
+            with open(args.output, "w", newline="", encoding="utf-8") as stream:
+                write(stream)
+        except OSError as exc:
+            raise PredictError(f"cannot write --output {args.output}: {exc.strerror or exc}") from exc
+        print(f"wrote {what} to {args.output}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.predict import main as entry
+
+    sys.exit(entry())

@@ -94,10 +94,10 @@ class EpochProgress:
         if self.budget_s is not None:
             left = max(0.0, self.budget_s - elapsed) if left is None else min(left, max(0.0, self.budget_s - elapsed))
         best = row.get("best_val_oneshot_accuracy")
-        best_text = f", best {best:.2%} (epoch {int(row['best_epoch'])})" if best is not None and "best_epoch" in row \
+        best_text = f", best {best:.2%} at epoch {int(row['best_epoch'])}" if best is not None and "best_epoch" in row \
             else ""
         limit = f"{_duration(self.budget_s)} budget" if self.budget_s is not None else f"{self.epochs} epochs"
-        return (f"training: epoch {epoch + 1}/{self.epochs}, loss {row['train_loss']:.4f}, "
+        return (f"training: epoch {epoch} ({done}/{self.epochs}), loss {row['train_loss']:.4f}, "
                 f"validation {row['val_oneshot_accuracy']:.2%}{best_text}, {_duration(elapsed)} elapsed, "
                 f"{_duration(left or 0.0)} left of {limit}")
 

@@ -59,12 +59,19 @@ def local_logical_cpus() -> int:
     return max(4, os.cpu_count() or 1)
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
-    """Make sure Ray is initialised; returns True if this call started (or joined) it."""
+def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> bool:
+    """Make sure Ray is initialised; returns True if this call started (or joined) it.
+
+    ``quiet`` (default: unless ``--verbose``/``SIAMESE_VERBOSE``) keeps the workers' output and
+    Ray's INFO lines off the console; Ray still writes them to its session's log files.
+    """
     import ray
+
+    from workflows import cli
 
     if ray.is_initialized():
         return False
+    quiet = (not cli.verbose()) if quiet is None else quiet
     in_job = _job_env_var_keys()
     env_vars = {k: v for k, v in worker_env().items() if k not in in_job}
     kwargs: dict = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": not quiet,
@@ -87,7 +94,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int | None = None, quiet: bool = True) -> Iterator[None]:
+def ray_session(num_cpus: int | None = None, quiet: bool | None = None) -> Iterator[None]:
     """``init_ray`` for the duration of a block; shuts down only what it started."""
     import ray
 

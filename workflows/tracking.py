@@ -8,9 +8,12 @@ empty store.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -161,7 +164,9 @@ def log_dataset(dataset: Any, context: str) -> None:
     try:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        source = resolve_dataset_source(uri)
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both candidates are local files
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(uri)
     except Exception:  # no registered source type for this scheme: record the URI as such
         source = HTTPDatasetSource(url=uri)
     digest = manifest.content_checksum.split(":", 1)[-1][:16]
@@ -359,13 +364,12 @@ def _picture(images: Any, row: int, invert: bool) -> tuple[Any, str]:
     return pixels.transpose(1, 2, 0), "viridis"
 
 
-def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
-    """A picture of a few trials (query, support set, chosen and true class) and a per-group chart."""
+def oneshot_trials_figure(evaluation: Any, split: str, n_trials: int = 6) -> Any:
+    """A matplotlib figure of a few trials: the query, its support set, the chosen and the true class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
     import numpy as np
 
     result, images, runs = evaluation.result, evaluation.images.images, evaluation.runs
@@ -399,6 +403,16 @@ def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
         ax.set_yticks([])
     fig.suptitle(f"{split}: {n_way}-way one-shot trials (frame: chosen; green = right)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def log_oneshot_figures(evaluation: Any, split: str, n_trials: int = 6) -> None:
+    """A picture of a few trials (:func:`oneshot_trials_figure`) and a per-group chart."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    result = evaluation.result
+    fig = oneshot_trials_figure(evaluation, split, n_trials)
     mlflow.log_figure(fig, f"oneshot/{split}_trials.png")
     plt.close(fig)
 
@@ -440,7 +454,13 @@ def log_model(model: Any, registered_model: str | None, new_threshold: float | N
 
     signature = ModelSignature(inputs=Schema([ColSpec(DataType.binary, "left"), ColSpec(DataType.binary, "right")]),
                                outputs=Schema([TensorSpec(np.dtype("float32"), (-1,))]))
-    with tempfile.TemporaryDirectory() as directory:
+    from workflows import cli
+
+    # MLflow prints the registration on stderr; the job's summary names the registered version
+    quiet = contextlib.nullcontext() if cli.verbose() else contextlib.redirect_stderr(io.StringIO())
+    with tempfile.TemporaryDirectory() as directory, warnings.catch_warnings(), quiet:
+        # the signature says what goes in; an example (two encoded images) would only be run at logging time
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")  # MLflow colours it
         path = ckpt_io.save(directory, model, **({} if new_threshold is None else {"new_threshold": new_threshold}))
         info = mlflow.pyfunc.log_model(
             name="model", loader_module="siamese_core.serving", data_path=str(path),
@@ -448,7 +468,8 @@ def log_model(model: Any, registered_model: str | None, new_threshold: float | N
             registered_model_name=registered_model,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "pandas"],
         )
-    return info.model_uri
+    version = getattr(info, "registered_model_version", None)
+    return f"models:/{registered_model}/{version}" if registered_model and version else info.model_uri
 
 
 @contextmanager

@@ -8,7 +8,7 @@ trials -> model logged and registered in MLflow.
 
 Examples::
 
-    python -m workflows.train                                   # CPU demo recipe, 2 workers
+    python -m workflows.train                                   # CPU demo recipe, workers to fit the machine
     python -m workflows.train --recipe paper --workers 4 --gpus-per-worker 1 \\
         --data s3://bucket/omniglot --storage-path s3://bucket/runs
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import tempfile
@@ -26,8 +27,11 @@ from typing import Any
 import numpy as np
 
 from siamese_core.config import ConfigError, apply_overrides
+from workflows import cli
 from workflows import config as job_config
 from workflows.config import JobConfig
+
+log = logging.getLogger(__name__)  # in a Train worker: Ray Train's worker log file (and the console with --verbose)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -140,8 +144,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.load_state_dict(payload["state_dict"])
         state = LoopState.from_state_dict(payload["loop"], cfg.training.patience)
         if rank == 0:
-            print(f"[rank 0] restored epoch {payload['epoch']} from {restored.path}; "
-                  f"training goes on at epoch {state.next_epoch}", flush=True)
+            log.info("[rank 0] restored epoch %s from %s; training goes on at epoch %s", payload["epoch"],
+                     restored.path, state.next_epoch)
     model = ray.train.torch.prepare_model(place_model(model, device, cfg.cluster.channels_last))
     optimizer = build_optimizer(ckpt_io.unwrap(model), cfg.optim)
     if payload is not None:
@@ -164,10 +168,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         row = {**row, "worker_nodes": worker_nodes,
                CHECKPOINT_RANK: checkpoint_rank(row["val_oneshot_accuracy"], row["epoch"])}
         if rank == 0:
-            print(f"[rank 0] epoch {row['epoch']:3d} loss {row['train_loss']:.4f} "
-                  f"val verif {row['val_verification_accuracy']:.4f} "
-                  f"val 1-shot {row['val_oneshot_accuracy']:.4f}{' *' if row['improved'] else ''} "
-                  f"({row['epoch_seconds']:.1f}s, {row['train_pairs_per_second']:.0f} pairs/s)", flush=True)
+            log.info(f"[rank 0] epoch {row['epoch']:3d} loss {row['train_loss']:.4f} "
+                     f"val verif {row['val_verification_accuracy']:.4f} "
+                     f"val 1-shot {row['val_oneshot_accuracy']:.4f}{' *' if row['improved'] else ''} "
+                     f"({row['epoch_seconds']:.1f}s, {row['train_pairs_per_second']:.0f} pairs/s)")
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
@@ -209,12 +213,8 @@ def preflight(cfg: JobConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     """
     from workflows import shards, storage, tracking
 
-    per_worker = cfg.pairs.pairs_per_epoch // cfg.cluster.workers
-    if per_worker < cfg.training.batch_size:
-        raise ConfigError(f"pairs.pairs_per_epoch={cfg.pairs.pairs_per_epoch} over {cfg.cluster.workers} workers "
-                          f"gives {per_worker} pairs each, less than one batch of training.batch_size="
-                          f"{cfg.training.batch_size}: no training step would run. Raise pairs.pairs_per_epoch "
-                          "or lower training.batch_size / cluster.workers")
+    if cfg.cluster.workers is not None:
+        check_batches(cfg)
     dataset = shards.DataSet.open(cfg.data.uri, cfg.data.endpoint_url)
     for split in ("train", "validation", "test"):
         if not dataset.manifest.shards_of(split):
@@ -225,6 +225,15 @@ def preflight(cfg: JobConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(tracking_uri)
     return {"dataset": dataset, "storage": loc, "tracking_uri": tracking_uri, "cfg": cfg, "overrides": overrides}
+
+
+def check_batches(cfg: JobConfig) -> None:
+    per_worker = cfg.pairs.pairs_per_epoch // (cfg.cluster.workers or 1)
+    if per_worker < cfg.training.batch_size:
+        raise ConfigError(f"pairs.pairs_per_epoch={cfg.pairs.pairs_per_epoch} over {cfg.cluster.workers} workers "
+                          f"gives {per_worker} pairs each, less than one batch of training.batch_size="
+                          f"{cfg.training.batch_size}: no training step would run. Raise pairs.pairs_per_epoch "
+                          "or lower training.batch_size / cluster.workers")
 
 
 def fit_to_data(cfg: JobConfig, overrides: dict[str, Any], dataset: Any) -> tuple[JobConfig, dict[str, Any]]:
@@ -269,6 +278,32 @@ def fit_to_data(cfg: JobConfig, overrides: dict[str, Any], dataset: Any) -> tupl
     return cfg, overrides
 
 
+def fit_to_cluster(cfg: JobConfig, overrides: dict[str, Any], per_trial: bool = False
+                   ) -> tuple[JobConfig, dict[str, Any]]:
+    """``cluster.workers`` none made concrete for the cluster Ray runs on, then the resources checked.
+
+    One worker per ``gpus_per_worker`` GPUs; on CPU one per 4 CPU slots (at least one: on a
+    2-core machine one worker with both cores' threads trains faster than two sharing them);
+    one per trial in a search, whose parallelism is its concurrent trials. The chosen number
+    goes into the overrides, so the workers build the same configuration.
+    """
+    import ray
+
+    if cfg.cluster.workers is None:
+        total = ray.cluster_resources()
+        if per_trial:
+            workers = 1
+        elif cfg.cluster.use_gpu:
+            workers = max(1, int(total.get("GPU", 0.0) // cfg.cluster.gpus_per_worker))
+        else:
+            workers = max(1, int(total.get("CPU", 1.0)) // 4)
+        overrides = {**overrides, "cluster.workers": workers}
+        cfg = apply_overrides(cfg, {"cluster.workers": workers})
+        check_batches(cfg)
+    check_resources(cfg)
+    return cfg, overrides
+
+
 def check_resources(cfg: JobConfig) -> None:
     """Refuse a request the cluster can never satisfy (instead of hanging forever)."""
     import ray
@@ -307,8 +342,7 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], dataset: Any, sto
                            read_cpus=cfg.data.read_cpus, concurrency=cfg.data.pair_stage_concurrency,
                            cache_mb=cfg.data.decoded_cache_mb, shards_per_task=cfg.data.shards_per_task)
     # Blocks in order: the stream, and so a seeded run, does not depend on which task finishes first.
-    ingest_options = ray.train.DataConfig.default_ingest_options()
-    ingest_options.preserve_order = True
+    ingest_options = ray.data.ExecutionOptions(preserve_order=True)
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
         resources["GPU"] = cfg.cluster.gpus_per_worker
@@ -363,10 +397,12 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
 
     from siamese_core import checkpoint as ckpt_io
     from workflows import evaluate, ray_setup, tracking
+    from workflows.progress import EpochProgress
 
     checks = preflight(cfg, overrides)
     cfg, overrides, dataset = checks["cfg"], checks["overrides"], checks["dataset"]
     tracking_uri = checks["tracking_uri"]
+    cli.started_work()
     run_name = cfg.tracking.run_name or f"train-{dataset.name}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     resumed = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
@@ -377,13 +413,23 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
             tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id)
         else:
             print(f"Resuming {cfg.cluster.name!r} from {checks['storage'].uri}: MLflow run {resumed}")
-        with ray_setup.ray_session(quiet=False):
-            check_resources(cfg)
+        with ray_setup.ray_session():
+            cfg, overrides = fit_to_cluster(cfg, overrides)
             loop_config = {"recipe": recipe, "overrides": overrides}
             trainer = build_trainer(cfg, loop_config, dataset, checks["storage"],
                                     [tracking.EpochMetricsCallback(tracking_uri, mlrun.info.run_id)])
             started = time.perf_counter()
-            result = trainer.fit()
+            if cli.verbose():  # the workers' own epoch lines reach the console
+                result = trainer.fit()
+            else:
+                display = EpochProgress(cfg.training.epochs, cfg.training.time_budget_s)
+                print(f"training on {cfg.cluster.workers} worker(s): {dataset.name}, recipe {recipe}, "
+                      f"run {cfg.cluster.name!r}", file=sys.stderr, flush=True)
+                try:
+                    with tracking.following_epochs(tracking_uri, mlrun.info.run_id, display.show):
+                        result = trainer.fit()
+                finally:
+                    display.close()
             train_seconds = time.perf_counter() - started
         checkpoint, best_metrics = best_checkpoint(result)
         with checkpoint.as_directory() as directory:
@@ -430,22 +476,37 @@ SHORTCUTS = {  # flag -> config key
 }
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str, Any], argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     job_config.add_arguments(parser)
-    parser.add_argument("--data", help="shards from workflows.ingest (dir or s3://)")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
-    parser.add_argument("--workers", type=int, help="Ray Train workers")
-    parser.add_argument("--gpus-per-worker", type=float, help="0 for CPU (gloo), >0 for GPU (NCCL)")
-    parser.add_argument("--cpus-per-worker", type=float)
-    parser.add_argument("--storage-path", help="checkpoints: a local dir or s3://bucket/prefix")
-    parser.add_argument("--name", help="run name under the storage path; re-use it to resume")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default ./mlflow.db)")
-    parser.add_argument("--experiment")
+    d = job_config.build("demo")
+    parser.add_argument("--data", help=f"shards from workflows.ingest, a folder or s3:// (default: {d.data.uri})")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL "
+                                               "or AWS's own)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default: fit the cluster: one per GPU, "
+                                                    "else one per 4 CPUs)")
+    parser.add_argument("--gpus-per-worker", type=float,
+                        help=f"0 for CPU (gloo), >0 for GPU (NCCL) (default: {d.cluster.gpus_per_worker:g})")
+    parser.add_argument("--cpus-per-worker", type=float,
+                        help=f"Ray CPU slots per worker (default: {d.cluster.cpus_per_worker:g})")
+    parser.add_argument("--storage-path", help=f"checkpoints: a local dir or s3://bucket/prefix "
+                                               f"(default: {d.cluster.storage_path})")
+    parser.add_argument("--name", help=f"run name under the storage path; re-use it to resume "
+                                       f"(default: {d.cluster.name})")
+    parser.add_argument("--epochs", type=int, help=f"most epochs (default: the recipe's; demo {d.training.epochs})")
+    parser.add_argument("--seed", type=int, help=f"fixes pairs, distortions, trials and the initial weights "
+                                                 f"(default: {d.training.seed})")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///./mlflow.db)")
+    parser.add_argument("--experiment", help=f"MLflow experiment (default: {d.tracking.experiment})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cli.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str, Any], argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     overrides = job_config.collect_overrides(args, SHORTCUTS)
     cfg, overrides = job_config.resolve(args.recipe, overrides)
@@ -453,34 +514,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, str, dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, recipe, overrides, args = parse_args(argv)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+    job: dict[str, JobConfig] = {}
+
+    def failure(exc: BaseException) -> str | None:
+        from ray.train import TrainingFailedError
+
+        return training_failure_message(job["cfg"], exc) if isinstance(exc, TrainingFailedError) else None
+
+    return cli.run(lambda: _main(argv, job), on_failure=failure)
+
+
+def _main(argv: list[str] | None, job: dict[str, JobConfig]) -> int:
+    cfg, recipe, overrides, args = parse_args(argv)
+    cli.configure_console(args.verbose)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(job_config.to_plain(cfg.to_dict()), sort_keys=True))
         return 0
-    from workflows.shards import DatasetError
-    from workflows.storage import StorageError
-
-    try:
-        summary = run(cfg, recipe, overrides)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (DatasetError, StorageError, ConnectionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from ray.train import TrainingFailedError
-
-        if not isinstance(exc, TrainingFailedError):
-            raise
-        print(training_failure_message(cfg, exc), file=sys.stderr)
-        return 1
+    job["cfg"] = cfg
+    summary = run(cfg, recipe, overrides)
     single = summary["test_accuracy_single_view"]
     val_views = ", one view" if summary["validation_views"] == "single" and summary["test_time_shift_px"] else ""
     print(f"test one-shot accuracy: {summary['test_accuracy']:.2%} ({summary['test_correct']}/"
@@ -503,4 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.train import main as entry
+
+    sys.exit(entry())

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from siamese_core.config import ConfigError, apply_overrides
+from workflows import cli
 from workflows import config as job_config
 from workflows import search_space
 from workflows.config import JobConfig, SearchSection
@@ -244,7 +245,7 @@ def search(cfg: JobConfig, search_cfg: SearchSection, recipe: str, overrides: di
 
     from siamese_core import checkpoint as ckpt_io
     from workflows import evaluate, ray_setup, storage, tracking
-    from workflows.train import check_resources, preflight
+    from workflows.train import fit_to_cluster, preflight
 
     space = search_space.load(search_cfg.space)
     search_space.validate(space, cfg)
@@ -263,11 +264,12 @@ def search(cfg: JobConfig, search_cfg: SearchSection, recipe: str, overrides: di
             mlflow.log_params({f"search.{k}": str(v) for k, v in tracking.flatten_params(search_cfg).items()})
             mlflow.log_text(search_space.dump(space), "search_space.yaml")
             tracking.remember_run(loc, search_cfg.name, tracking_uri, parent.info.run_id)
-        plan = SearchPlan(recipe=recipe, base_overrides=dict(overrides), tracking_uri=tracking_uri,
-                          experiment=cfg.tracking.experiment, parent_run_id=parent.info.run_id,
-                          train_storage=loc.uri_of(search_cfg.name, "train"), dataset=dataset)
-        with ray_setup.ray_session(quiet=False):
-            check_resources(cfg)
+        with ray_setup.ray_session():
+            # each trial's workers; the best config written for the user leaves them to the cluster
+            _, trial_overrides = fit_to_cluster(cfg, overrides, per_trial=True)
+            plan = SearchPlan(recipe=recipe, base_overrides=dict(trial_overrides), tracking_uri=tracking_uri,
+                              experiment=cfg.tracking.experiment, parent_run_id=parent.info.run_id,
+                              train_storage=loc.uri_of(search_cfg.name, "train"), dataset=dataset)
             tuner, restored = make_tuner(plan, space, search_cfg, cfg, loc)
             if restored:
                 print(f"Resuming search {search_cfg.name!r} from {loc.uri_of(search_cfg.name)}", flush=True)
@@ -331,26 +333,36 @@ def split_search(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
     return job, found
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, SearchSection, str, dict[str, Any], argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     job_config.add_arguments(parser)
     parser.add_argument("--space", help="YAML search space (replaces the default; see --print-space)")
-    parser.add_argument("--name", help="search name under the storage path; re-use it to resume")
-    parser.add_argument("--samples", type=int, help="trials in all (search.num_samples)")
-    parser.add_argument("--concurrent", type=int, help="trials at once (search.max_concurrent_trials)")
-    parser.add_argument("--seed", type=int, help="search seed: fixes the suggested configurations")
-    parser.add_argument("--data", help="shards from workflows.ingest (dir or s3://)")
-    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs")
-    parser.add_argument("--workers", type=int, help="Ray Train workers per trial")
-    parser.add_argument("--gpus-per-worker", type=float)
-    parser.add_argument("--storage-path", help="search state and checkpoints: a local dir or s3://bucket/prefix")
-    parser.add_argument("--epochs", type=int, help="most epochs per trial (ASHA's max_t)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default ./mlflow.db)")
-    parser.add_argument("--experiment")
+    s = SearchSection()
+    parser.add_argument("--name", help=f"search name under the storage path; re-use it to resume (default: {s.name})")
+    parser.add_argument("--samples", type=int, help=f"trials in all, search.num_samples (default: {s.num_samples})")
+    parser.add_argument("--concurrent", type=int,
+                        help=f"trials at once, search.max_concurrent_trials (default: {s.max_concurrent_trials})")
+    parser.add_argument("--seed", type=int, help=f"search seed: fixes the suggested configurations (default: {s.seed})")
+    parser.add_argument("--data", help="shards from workflows.ingest, a folder or s3:// (default: ./data/omniglot-shards)")
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// URIs (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers per trial (default: 1)")
+    parser.add_argument("--gpus-per-worker", type=float, help="0 for CPU, >0 for GPU (default: 0)")
+    parser.add_argument("--storage-path", help="search state and checkpoints: a local dir or s3://bucket/prefix "
+                                               "(default: ./runs)")
+    parser.add_argument("--epochs", type=int, help="most epochs per trial, ASHA's max_t (default: the recipe's)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                                               "sqlite:///./mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: siamese-oneshot)")
     parser.add_argument("--best-config", help="where to write the best trial's config (default NAME-best.yaml)")
     parser.add_argument("--print-space", action="store_true", help="print the search space as YAML and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    cli.add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, SearchSection, str, dict[str, Any], argparse.Namespace]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     job_overrides, search_overrides = split_search(job_config.collect_overrides(args, SHORTCUTS))
     search_cfg = apply_overrides(SearchSection(), search_overrides, "search.")
@@ -361,30 +373,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, SearchSection,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workflows.shards import DatasetError
-    from workflows.storage import StorageError
+    return cli.run(lambda: _main(argv))
 
+
+def _main(argv: list[str] | None) -> int:
+    cfg, search_cfg, recipe, overrides, args = parse_args(argv)
+    cli.configure_console(args.verbose)
+    if args.print_space:
+        print(search_space.dump(search_space.load(search_cfg.space)), end="")
+        return 0
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump({**job_config.to_plain(cfg.to_dict()),
+                              "search": job_config.to_plain(search_cfg.__dict__)}, sort_keys=True))
+        return 0
     try:
-        cfg, search_cfg, recipe, overrides, args = parse_args(argv)
-        if args.print_space:
-            print(search_space.dump(search_space.load(search_cfg.space)), end="")
-            return 0
-        if args.print_config:
-            import yaml
-
-            print(yaml.safe_dump({**job_config.to_plain(cfg.to_dict()),
-                                  "search": job_config.to_plain(search_cfg.__dict__)}, sort_keys=True))
-            return 0
         summary = search(cfg, search_cfg, recipe, overrides, args.best_config)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (DatasetError, StorageError, ConnectionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except SearchInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
-        return 130
+        return cli.INTERRUPTED
     trials = summary["trials"]
     print(f"{len(trials)} trials, {sum(t.stopped_early for t in trials)} stopped early by ASHA, "
           f"{sum(t.error is not None for t in trials)} failed, in {summary['search_seconds']:.0f}s")
@@ -402,4 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # through the package module, so the errors raised are the classes workflows.cli knows
+    from workflows.tune import main as entry
+
+    sys.exit(entry())
