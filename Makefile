@@ -9,7 +9,7 @@ SHARED_OMNIGLOT := $(abspath ../shared/data/omniglot)
 OMNIGLOT_DIR ?= $(if $(wildcard $(SHARED_OMNIGLOT)/images_background.zip),$(SHARED_OMNIGLOT),official)
 DATA   ?= $(abspath data/omniglot-shards)
 export OMNIGLOT_DIR
-# Ray binds to loopback only on a single host (see README, "Local Ray").
+# Ray binds to loopback only on a single host (docs/cluster.md, "Local Ray cluster").
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export AWS_EC2_METADATA_DISABLED ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true

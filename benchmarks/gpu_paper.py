@@ -20,8 +20,12 @@ Writes ``--json`` (default ``benchmarks/results/gpu_paper_<date>.json``) with at
 ``torch``, ``step_rows_per_s``, ``loop_rows_per_s``, ``mfu``, ``train_seconds``,
 ``val_oneshot_accuracy``, ``test_oneshot_accuracy`` and ``recipe``.
 
-    python benchmarks/gpu_paper.py --source OMNIGLOT_DIR                 # on the GPU machine (~9 min)
+    python benchmarks/gpu_paper.py --source OMNIGLOT_DIR                 # on the GPU machine (<= 9 min)
     python benchmarks/gpu_paper.py --source OMNIGLOT_DIR --dry-run       # every part, scaled down, on CPU
+
+The whole script keeps to ``--deadline-s`` (default 540 s, so it fits a 10-minute device call
+with start-up to spare): the step variants stop starting after ``--bench-s``, and training gets
+the recipe's budget or what the deadline leaves after the test trials' reserve, whichever is less.
 """
 
 from __future__ import annotations
@@ -154,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="every part scaled down for a CPU: a small net, a few steps, a short budget")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (default on GPU)")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where the figures go (default: benchmarks/results/gpu_paper_<date>.json)")
+    parser.add_argument("--deadline-s", type=float, default=540.0,
+                        help="the whole script's wall-clock limit; training's budget shrinks to fit (default: %(default)s)")
+    parser.add_argument("--bench-s", type=float, default=100.0,
+                        help="no step variant starts after this many seconds (default: %(default)s)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -175,31 +184,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}; torch {torch.__version__}; recipe {args.recipe}: {recipe.model.preset} at "
           f"{recipe.model.input_size} px, {flops:.4g} FLOP per training row (forward + backward)", flush=True)
 
-    # 1. the step
+    # 1. the step: every variant at the recipe's batch first (the loop's reference among them), then
+    # the larger batches, until --bench-s is spent
     copies = recipe.pairs.distorted_copies
     steps, warmup = (2, 1) if args.dry_run else (60, 15)
-    batches = [recipe.training.batch_size] if args.dry_run else sorted({128, recipe.training.batch_size, 512, 1024})
-    variants = [(False, False, None), (True, False, None), (True, True, None)]
+    variants = [(True, False, None), (False, False, None), (True, True, None)]
     if args.compile or (device.type == "cuda" and not args.dry_run):
-        variants += [(True, False, "default"), (True, False, "max-autotune-no-cudagraphs"),
-                     (True, False, "reduce-overhead")]  # reduce-overhead: CUDA graphs
+        variants += [(True, False, "default"), (True, False, "reduce-overhead")]  # reduce-overhead: CUDA graphs
+    plan = [(recipe.training.batch_size, v) for v in variants]
+    if not args.dry_run:
+        plan += [(rows, v) for rows in (512, 1024) if rows > recipe.training.batch_size
+                 for v in variants if v[0] and not v[1]]
     step_results = []
-    for rows in batches:
-        for bf16, channels_last, compile_mode in variants:
-            try:
-                r = bench_step(recipe, device, rows, copies, steps, warmup, bf16, channels_last, compile_mode)
-            except Exception as exc:  # a variant this torch or device cannot run: say so, go on
-                print(f"step {rows} rows bf16={bf16} channels_last={channels_last} compile={compile_mode}: "
-                      f"failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
-                continue
-            peak = peak_tflops(name, r["precision"])
-            r["tflops"] = r["rows_per_s"] * flops / 1e12
-            r["mfu"] = r["tflops"] / peak if peak else None
-            step_results.append(r)
-            print(f"step {r['rows']} rows {r['precision']} {r['layout']} {r['compile']}: {r['rows_per_s']:.0f} rows/s, "
-                  f"{r['ms_per_step']:.2f} ms/step, {r['tflops']:.1f} TFLOP/s"
-                  + (f", MFU {r['mfu']:.1%} of {peak:.0f} TFLOP/s" if r["mfu"] is not None else ", peak unknown"),
-                  flush=True)
+    for done, (rows, (bf16, channels_last, compile_mode)) in enumerate(plan):
+        if step_results and time.perf_counter() - started > args.bench_s:
+            print(f"step: --bench-s {args.bench_s:.0f}s spent; {len(plan) - done} variant(s) not run", flush=True)
+            break
+        try:
+            r = bench_step(recipe, device, rows, copies, steps, warmup, bf16, channels_last, compile_mode)
+        except Exception as exc:  # a variant this torch or device cannot run: say so, go on
+            print(f"step {rows} rows bf16={bf16} channels_last={channels_last} compile={compile_mode}: "
+                  f"failed ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
+            continue
+        peak = peak_tflops(name, r["precision"])
+        r["tflops"] = r["rows_per_s"] * flops / 1e12
+        r["mfu"] = r["tflops"] / peak if peak else None
+        step_results.append(r)
+        print(f"step {r['rows']} rows {r['precision']} {r['layout']} {r['compile']}: {r['rows_per_s']:.0f} rows/s, "
+              f"{r['ms_per_step']:.2f} ms/step, {r['tflops']:.1f} TFLOP/s"
+              + (f", MFU {r['mfu']:.1%} of {peak:.0f} TFLOP/s" if r["mfu"] is not None else ", peak unknown"),
+              flush=True)
     at_batch = [r for r in step_results if r["rows"] == recipe.training.batch_size and r["compile"] == "eager"
                 and r["layout"] == "contiguous" and r["precision"] == ("bf16" if device.type == "cuda" else "fp32")]
     best = max(step_results, key=lambda r: r["rows_per_s"])
@@ -213,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loop: {loop['rows']} rows in {loop['seconds']:.2f}s = {loop['rows_per_s']:.0f} rows/s, "
           f"{loop['rows_per_s'] / reference:.3f} of its own step ({reference:.0f} rows/s)", flush=True)
 
-    # 3. the feed
-    feed = bench_feed(args.source, recipe, groups=2 if args.dry_run else 30)
+    # 3. the feed (per-image and per-pair costs: a few alphabets measure them)
+    feed = bench_feed(args.source, recipe, groups=2 if args.dry_run else 4)
     pairs_per_core = 1.0 / max(feed["sample_cpu_s_per_pair"], 1e-12)
     cores = best["rows_per_s"] / (1 + copies) / pairs_per_core
     print(f"feed: decoding {feed['decode_cpu_s_per_image'] * 1e3:.2f} ms per image (once), sampling "
@@ -223,13 +237,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. train under the budget, selected on validation; 5. test once
     val = omniglot.load_split(args.source, "validation", recipe.model.input_size, recipe.model.preprocess.resolved())
-    if args.dry_run:
-        val = val.take(np.flatnonzero(np.isin(val.group, sorted(set(val.group.tolist()))[:2])))
-    result = fit(recipe, train, val, device, log=lambda m: print(m, flush=True),
-                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     test = omniglot.load_split(args.source, "test", recipe.model.input_size, recipe.model.preprocess.resolved())
     if args.dry_run:
+        val = val.take(np.flatnonzero(np.isin(val.group, sorted(set(val.group.tolist()))[:2])))
         test = test.take(np.flatnonzero(np.isin(test.group, sorted(set(test.group.tolist()))[:2])))
+    reserve_s = 5.0 if args.dry_run else 30.0  # the test trials and the JSON, after training
+    left_s = args.deadline_s - (time.perf_counter() - started) - reserve_s
+    budget_s = min(recipe.training.time_budget_s or float("inf"), left_s)
+    if budget_s < 1.0:
+        print(f"error: --deadline-s {args.deadline_s:.0f} leaves no time to train; raise it or lower --bench-s",
+              file=sys.stderr)
+        return 1
+    recipe = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, time_budget_s=budget_s))
+    print(f"train: budget {budget_s:.0f}s ({left_s:.0f}s left of the {args.deadline_s:.0f}s deadline)", flush=True)
+    result = fit(recipe, train, val, device, log=lambda m: print(m, flush=True),
+                 autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     runs = episodes(test, recipe.evaluation, recipe.training.seed, validation=False)
     scored = evaluate_oneshot(result.model, test, runs)
     print(f"test: {scored.accuracy:.2%} ({scored.correct}/{scored.trials} trials, {runs[0].n_way}-way within "
@@ -239,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
 
     figures = {
         "device": name, "torch": torch.__version__, "recipe": args.recipe, "dry_run": args.dry_run,
-        "recipe_values": dataclasses.asdict(recipe), "flops_per_row": flops,
+        "recipe_values": dataclasses.asdict(recipe), "flops_per_row": flops, "deadline_s": args.deadline_s,
         "step_rows_per_s": reference, "best_step": best, "steps": step_results,
         "loop_rows_per_s": loop["rows_per_s"], "loop_over_step": loop["rows_per_s"] / reference,
-        "mfu": best["mfu"], "feed": feed, "pair_stage_cores_needed": cores,
+        "mfu": (at_batch[0] if at_batch else best)["mfu"], "best_step_mfu": best["mfu"],
+        "feed": feed, "pair_stage_cores_needed": cores,
         "train_seconds": result.seconds, "epochs": len(result.history), "best_epoch": result.best_epoch,
         "val_oneshot_accuracy": result.best_val_oneshot_accuracy, "test_oneshot_accuracy": scored.accuracy,
         "test_trials": scored.trials,

@@ -24,10 +24,10 @@
 #   STACK_AGENT_PORT      Ray dashboard agent HTTP              (52365)
 #   STACK_S3_PORT         moto_server                           (9000)
 #   STACK_MLFLOW_PORT     MLflow tracking server                (5000)
-#   STACK_RAY_CPUS        logical CPUs the head advertises      (max(4, cores): see README)
+#   STACK_RAY_CPUS        logical CPUs the head advertises      (max(4, cores): see docs/cluster.md)
 #   STACK_MULTI_NODE      1: other Ray nodes may join the head   (0)
 #                         (Ray then listens on all interfaces, token auth still on; a node
-#                         joins from this machine as 127.0.0.2, see README "Local stack")
+#                         joins from this machine as 127.0.0.2, see docs/cluster.md "Local stack")
 #   STACK_START_TIMEOUT   seconds to wait for each service      (180)
 #   STACK_STOP_TIMEOUT    seconds each service gets to stop     (30)
 #                         after SIGTERM, before SIGKILL
@@ -228,7 +228,7 @@ EOF
     local multi_node=${STACK_MULTI_NODE:-0}
     [[ "$multi_node" == 0 || "$multi_node" == 1 ]] || die "STACK_MULTI_NODE must be 0 or 1"
     start_session ray env -u RAY_AUTH_TOKEN -u RAY_ADDRESS "${stack_env[@]}" \
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="$multi_node" \
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="$multi_node" RAY_worker_niceness=0 \
         PATH="$BIN:$PATH" VIRTUAL_ENV="$(dirname "$BIN")" \
         "$BIN/ray" start --head --block --disable-usage-stats --node-ip-address "$HOST" \
         --port "$RAY_PORT" --dashboard-host "$HOST" --dashboard-port "$DASHBOARD_PORT" \

@@ -147,15 +147,14 @@ class ModelConfig:
     """Test-time views: when N > 0, images are compared by their mean embedding over
     themselves and their shifts by 1..N pixels up, down, left and right (4N + 1 views;
     ``SiameseNet.scoring_embed``); 0 is the paper's single view. Training never uses it.
-    Why: the small net is not shift-invariant at 35 px; on the demo's 1,600 validation
-    trials N=3 added 3.7-3.9 points (benchmarks/cpu_demo_search.py, README)."""
+    Why: the small net is not shift-invariant at 35 px, and averaging over shifted views
+    gains several points on validation (benchmarks/RESULTS.md, "test-time views")."""
     test_time_views: str = "cross"
     """Which shifts of up to ``test_time_shift_px`` are views: "cross" (1..N px up, down,
     left and right: 4N + 1 views) or "square" (every ``(dx, dy)`` within N px: (2N + 1)^2
-    views). The demo keeps "cross": on the same eight demo checkpoints square N=3 (49
-    views) beat cross N=3 (13) by 0.85 points on 1,600 validation trials (in each), but
-    on four of them it lost 0.81 points on the 400 test trials: a gain that does not hold
-    across two sets of ten alphabets is not worth 3.8x the scoring compute."""
+    views). The demo keeps "cross": square's small gain on validation did not hold on the
+    test alphabets, and it costs (2N + 1)^2 / (4N + 1) times the scoring compute
+    (benchmarks/RESULTS.md, "test-time view patterns")."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """How images become input (colour, fit, polarity, normalisation); the data set's defaults
     fill what is left ``None`` before training, and the trained model carries the result."""
@@ -216,16 +215,14 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "koch": ModelConfig(preset="koch"),
     # Same design, small enough to train in minutes on 2 CPU cores: 35x35 input
     # (105 / 3), a quarter of the channels, 2x2x64 = 256 features, 83,233
-    # parameters; ~1,000 pairs/s per training step on 2 cores
-    # (benchmarks/bench_model_presets.py; 52x52 inputs ran at ~330 pairs/s).
+    # parameters (speeds: benchmarks/bench_model_presets.py).
     # init="kaiming": the paper's stds saturate ~2/3 of this net's sigmoid units and make
     # all embeddings nearly equal, so early learning is slow (model.init_kaiming_weights).
     "cpu-small": ModelConfig(preset="cpu-small", input_size=35, channels=(16, 32, 32, 64),
                              kernels=(3, 3, 2, 2), embedding_dim=256, init="kaiming"),
     # cpu-small at 1.5x the channels and embedding (186,673 parameters, ~1.5x the time per
-    # pair): the CPU demo's net. In the demo's 480 s it got 53-54 epochs in the plain loop
-    # and 42-46 in `make demo` on 2 cores, and scored about a point higher on validation
-    # than cpu-small, not on the test trials (DEMO_DEFAULTS, README).
+    # pair): the CPU demo's net, about a point higher than cpu-small on validation in the
+    # demo's budget (benchmarks/RESULTS.md).
     "cpu-medium": ModelConfig(preset="cpu-medium", input_size=35, channels=(24, 48, 48, 96),
                               kernels=(3, 3, 2, 2), embedding_dim=384, init="kaiming"),
 }
@@ -492,14 +489,15 @@ class TrainingConfig:
     fan_in_scaled: bool = True
     """Scale the paper's init stds by fan-in (see ``model.init_paper_weights``)."""
     threads: int | None = None
-    """``torch.set_num_threads`` for CPU runs (None: leave torch's default)."""
+    """``torch.set_num_threads`` for CPU runs. None fits the machine: a Ray Train worker takes
+    its node's cores shared among the node's workers, a plain process torch's default (its cores)."""
     keep_freed_memory: bool = True
     """Fix glibc's malloc thresholds in the training process (``siamese_core.heap``) so the
     memory a step frees stays mapped for the next. Why: with glibc's adaptive defaults a Ray
-    Train worker spent 12-15% of its CPU time in the kernel on 54,000-68,000 page faults per
-    CPU-second, and trained at 0.76-0.80 of a plain process's pairs/s instead of 0.94-0.95
-    (``bench_pipeline.py --alternate [--glibc-malloc]``). False leaves the defaults, which
-    hand a process's peak heap back to the OS."""
+    Train worker faults each step's memory back in and spends a large share of its CPU in the
+    kernel (``bench_pipeline.py --alternate [--glibc-malloc]`` measures both; figures in
+    benchmarks/RESULTS.md). False leaves the defaults, which hand a process's peak heap back
+    to the OS."""
     in_batch_negatives: float = 0.0
     """Weight of the extra loss term on every other pairing of a batch's images, labelled
     "different" (``train_step.in_batch_negative_pairings``); 0 is the paper's loss."""
@@ -508,9 +506,9 @@ class TrainingConfig:
     validation_views: str = "model"
     """Views of the per-epoch validation one-shot trials that early stopping and model
     selection read: "model" (the model's test-time views) or "single" (one view per image,
-    as in the paper). Why "single": selection only needs to rank epochs, and with the
-    demo's 13 views validation took 2.1 s of each 9.0 s epoch on 2 cores (plain loop, tag
-    "c24_e384_views_480s"); the final scores always use the model's views."""
+    as in the paper). Why "single": selection only needs to rank epochs, and scoring every
+    epoch with the demo's 13 views costs a large share of each CPU epoch (benchmarks/RESULTS.md);
+    the final scores always use the model's views."""
 
     def __post_init__(self) -> None:
         _require(self.in_batch_negatives >= 0,
@@ -596,7 +594,7 @@ DEMO_DEFAULTS = TrainingRecipe(
                           momentum_ramp_epochs=5, weight_decay=2e-4, lr_decay=0.95),
     distort=DistortionConfig(),
     pairs=PairConfig(pairs_per_epoch=10_000, distorted_copies=0),
-    training=TrainingConfig(epochs=200, patience=40, batch_size=32, seed=0, time_budget_s=480.0, threads=2,
+    training=TrainingConfig(epochs=200, patience=40, batch_size=32, seed=0, time_budget_s=480.0,
                             in_batch_negatives=1.0, validation_views="single"),
 )
 """The CPU demo's recipe: what trains best in 480 s on 2 cores, chosen on validation only.

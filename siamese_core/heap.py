@@ -5,11 +5,9 @@ Why: on CPU, PyTorch's tensors come from malloc. glibc serves large blocks with
 allocation history, so a loop that frees and reallocates the same few megabytes
 every step can end up mapping them afresh each time and page-faulting every page
 back in. A Ray Train worker runs its loop in a thread of its own, whose arena
-also unmaps whole heaps it has emptied. Measured on 2 cores (``bench_pipeline.py
---alternate --glibc-malloc``): the worker took 54,122 and 68,407 minor page faults
-per CPU-second, 12-15% of its CPU time in the kernel, against 9-32 and under 1% in
-a plain process running the same loop; with these settings, 96-109 and 1.1-1.3%.
-Fixed thresholds (blocks up to 32 MB from the heap, no trimming, 64 MB of top
+also unmaps whole heaps it has emptied (``bench_pipeline.py --alternate
+--glibc-malloc`` counts the page faults and kernel time per side; figures in
+benchmarks/RESULTS.md). Fixed thresholds (blocks up to 32 MB from the heap, no trimming, 64 MB of top
 pad) keep the pages mapped; the cost is that the process holds on to its peak heap.
 """
 

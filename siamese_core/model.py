@@ -207,8 +207,8 @@ def init_paper_weights(model: SiameseNet, generator: torch.Generator | None = No
     the paper's init. Why: the paper's fixed stds only work at the paper's
     widths; in the small presets (fan-ins 10-20x smaller) they shrink the
     image-dependent signal so much that all embeddings are equal, |h1 - h2|
-    is ~0, and training stalls at loss ln 2 (measured: no progress in 40
-    steps on a separable toy problem, while the scaled init learns).
+    is ~0, and training stalls at loss ln 2 (``tests/test_model.py`` shows the
+    scaled init learning where the literal one does not).
     ``fan_in_scaled=False`` applies the literal values to any preset.
     A ``generator`` makes the initialisation reproducible.
     """
@@ -265,11 +265,10 @@ def place_model(model: SiameseNet, device: torch.device | str,
                 channels_last: bool | None = None) -> SiameseNet:
     """``model`` on ``device``, in the memory layout that trains it fastest there.
 
-    ``channels_last=None`` picks by device: channels-last on CPU, where it made the
-    demo's training step 1.15-1.22x faster on 2 cores (oneDNN's convolutions and
-    max-pooling prefer it; ``benchmarks/bench_model_presets.py --compare-layouts``),
-    contiguous on GPU, where it did not help the paper's network on an H200 (fp32
-    3,933 vs 4,150 pairs/s). Results do not depend on the layout, only speed does:
+    ``channels_last=None`` picks by device: channels-last on CPU, where oneDNN's
+    convolutions and max-pooling prefer it (``benchmarks/bench_model_presets.py
+    --compare-layouts``), contiguous on GPU, where it did not help the paper's network
+    (benchmarks/RESULTS.md). Results do not depend on the layout, only speed does:
     ``features`` converts the input to match, and state dicts load either way.
     """
     device = torch.device(device)

@@ -23,8 +23,22 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def omniglot_dir() -> Path:
-    """The real Omniglot archives; OMNIGLOT_DIR overrides ../shared/data/omniglot."""
-    path = Path(os.environ.get("OMNIGLOT_DIR", DEFAULT_OMNIGLOT))
+    """The real Omniglot archives, found as ``make demo`` finds them: OMNIGLOT_DIR (a folder with
+    the two zips), else ../shared/data/omniglot, else the official archives downloaded once into
+    the cache and checked against their digests (``OMNIGLOT_DIR=official``, as the Makefile sets)."""
+    given = os.environ.get("OMNIGLOT_DIR", "")
+    if given and given != "official":
+        path = Path(given)
+    elif not given and (DEFAULT_OMNIGLOT / "images_background.zip").is_file():
+        path = DEFAULT_OMNIGLOT
+    else:
+        from workflows import download
+
+        try:
+            path = download.fetch_archives(log=lambda message: None)
+        except download.DownloadError as exc:
+            pytest.fail(f"Omniglot: no OMNIGLOT_DIR, no {DEFAULT_OMNIGLOT}, and the download failed ({exc}); "
+                        "set OMNIGLOT_DIR to the folder with the two zips")
     if not (path / "images_background.zip").is_file():
         pytest.fail(f"Omniglot not found at {path}; set OMNIGLOT_DIR to the folder with the two zips")
     return path
@@ -40,9 +54,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        from workflows.ray_setup import local_logical_cpus
+        from workflows.ray_setup import LOCAL_SYSTEM_CONFIG, local_logical_cpus
 
         ray.init(address="local", num_cpus=local_logical_cpus(), include_dashboard=False, log_to_driver=False,
+                 _system_config=LOCAL_SYSTEM_CONFIG,
                  logging_level="WARNING", runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true"}})
     try:
         yield ray

@@ -34,6 +34,7 @@ def base_env(home: Path) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_worker_niceness": "0",  # as workflows.ray_setup's private instance: workers at the user's priority
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "AWS_EC2_METADATA_DISABLED": "true",
     })

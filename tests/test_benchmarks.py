@@ -19,7 +19,7 @@ def test_gpu_paper_runs_every_part_in_its_dry_run(omniglot_dir: Path, tmp_path: 
     out = tmp_path / "gpu_paper.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_paper.py"), "--dry-run", "--device", "cpu",
-         "--source", str(omniglot_dir), "--json", str(out)],
+         "--source", str(omniglot_dir), "--json", str(out), "--deadline-s", "200"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -27,7 +27,10 @@ def test_gpu_paper_runs_every_part_in_its_dry_run(omniglot_dir: Path, tmp_path: 
     assert len(steps) == 3 and all(re.search(r": \d+ rows/s, [\d.]+ ms/step, [\d.]+ TFLOP/s", l) for l in steps)
     assert any(re.match(r"loop: \d+ rows in [\d.]+s = \d+ rows/s, [\d.]+ of its own step", l) for l in lines)
     assert any(re.match(r"feed: .* needs [\d.]+ cores of pair stage", l) for l in lines)
+    [budget] = [float(m[1]) for l in lines if (m := re.match(r"train: budget (\d+)s \((\d+)s left of the 200s", l))]
+    assert 0 < budget <= 20  # the recipe's budget, or what the deadline leaves
     figures = json.loads(out.read_text())
+    assert figures["script_seconds"] < 200 + 30 and figures["train_seconds"] < budget + 15
     for key in ("device", "torch", "step_rows_per_s", "loop_rows_per_s", "mfu", "train_seconds",
                 "val_oneshot_accuracy", "test_oneshot_accuracy", "recipe"):
         assert key in figures, key

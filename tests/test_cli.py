@@ -48,6 +48,21 @@ def test_an_input_error_before_work_is_2_and_after_work_started_is_1(capsys) -> 
     assert cli.run(before) == cli.USAGE  # each run starts before the work again
 
 
+def test_bad_input_found_while_working_is_2_when_everything_was_undone(capsys) -> None:
+    from workflows.ingest import BadInputError, IngestError
+
+    def bad_images() -> None:
+        cli.started_work()
+        raise BadInputError("2 bad file(s); nothing was written")
+
+    def write_failed() -> None:
+        cli.started_work()
+        raise IngestError("writing shards failed")
+
+    assert cli.run(bad_images) == cli.USAGE
+    assert cli.run(write_failed) == cli.FAILURE
+
+
 def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_a_file(capsys) -> None:
     def bug() -> None:
         raise ZeroDivisionError("a bug")
@@ -168,6 +183,22 @@ def test_predict_bad_inputs(tmp_path, capsys) -> None:
                                   "--query", str(tmp_path / "query")], capsys)
     assert code == 2
     _one_clear_line(err, str(tmp_path / "nope"))
+
+
+def test_predict_refuses_a_model_file_carrying_code(tmp_path, capsys) -> None:
+    from PIL import Image
+    from test_checkpoint import crafted_checkpoint
+
+    marker = tmp_path / "pwned"
+    crafted_checkpoint(tmp_path / "model", marker)
+    for folder in ("support/a", "support/b", "query"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (len(folder) * 9, 0, 0)).save(tmp_path / folder / "x.png")
+    code, err = _call("predict", ["--model", str(tmp_path / "model"), "--support", str(tmp_path / "support"),
+                                  "--query", str(tmp_path / "query")], capsys)
+    assert code == 2
+    _one_clear_line(err, "was not loaded")
+    assert not marker.exists()
 
 
 def test_embed_bad_inputs(tmp_path, capsys) -> None:

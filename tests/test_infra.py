@@ -213,3 +213,15 @@ def test_dockerfile_uses_rays_image_at_the_pinned_version() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".venv/", "data/", "mlflow.db", "runs/", ".git/"):
         assert entry in ignored, f".dockerignore misses {entry}"
+
+
+def test_the_cluster_paths_leave_the_instance_credentials_alone() -> None:
+    """AWS_EC2_METADATA_DISABLED=true belongs to the local stack and the tests only: set in a job's runtime
+    env, the AWS launcher or KubeRay, it would hide the node's instance-profile credentials from the job."""
+    cluster_files = [ROOT / "infra" / "runtime_env.yaml", ROOT / "infra" / "cluster-aws.yaml",
+                     *sorted((ROOT / "infra" / "kuberay").glob("*.yaml")), ROOT / "infra" / "Dockerfile"]
+    assert len(cluster_files) >= 5 and all(p.is_file() for p in cluster_files)
+    for path in cluster_files:
+        assert "AWS_EC2_METADATA_DISABLED" not in path.read_text(), path
+    runtime_env = yaml.safe_load((ROOT / "infra" / "runtime_env.yaml").read_text())
+    assert "AWS_EC2_METADATA_DISABLED" not in (runtime_env.get("env_vars") or {})

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from omniglot_sources import make_source
+from omniglot_sources import OFFICIAL_ALPHABETS, make_source
 from s3_server import closed_port
 from workflows import download, ingest, shards
 from workflows.ingest import IngestError
@@ -35,23 +35,8 @@ LAKE_TEST = {"Atlantean", "Ge_ez", "Glagolitic", "Gurmukhi", "Kannada", "Malayal
              "Old_Church_Slavonic_(Cyrillic)", "Tengwar", "Tibetan"}
 
 
-def readme_alphabets(omniglot_dir: Path) -> dict[str, dict[str, int]]:
-    """{"images_background": {alphabet: characters}, "images_evaluation": {...}} from the README."""
-    tables: dict[str, dict[str, int]] = {}
-    current = None
-    for line in (omniglot_dir / "README.md").read_text().splitlines():
-        heading = re.match(r"^(images_background|images_evaluation) \(\d+ alphabets\):", line)
-        if heading:
-            current = tables.setdefault(heading[1], {})
-            continue
-        row = re.match(r"^\| (\S+) \| (\d+) \| (\d{4})-(\d{4}) \|$", line)
-        if row and current is not None:
-            current[row[1]] = int(row[2])
-    return tables
-
-
-def expected_counts(omniglot_dir: Path) -> dict[str, dict[str, int]]:
-    tables = readme_alphabets(omniglot_dir)
+def expected_counts() -> dict[str, dict[str, int]]:
+    tables = OFFICIAL_ALPHABETS
     assert len(tables["images_background"]) == 30 and len(tables["images_evaluation"]) == 20
     assert LAKE_TEST <= set(tables["images_evaluation"])
     groups = {"train": tables["images_background"],
@@ -94,8 +79,8 @@ def subset_a(omniglot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return make_source(omniglot_dir, tmp_path_factory.mktemp("subset-a"), SUBSET_A)
 
 
-def subset_expected(omniglot_dir: Path, alphabets: set[str]) -> dict[str, dict[str, int]]:
-    tables = readme_alphabets(omniglot_dir)
+def subset_expected(alphabets: set[str]) -> dict[str, dict[str, int]]:
+    tables = OFFICIAL_ALPHABETS
     result = {s: {"images": 0, "classes": 0, "groups": 0} for s in ("train", "validation", "test")}
     for archive, table in tables.items():
         for alphabet, n in table.items():
@@ -121,7 +106,7 @@ def full_local(ray_cluster, omniglot_dir: Path, tmp_path_factory: pytest.TempPat
 def test_full_ingest_local_exact_counts(full_local, omniglot_dir: Path) -> None:
     dest, result = full_local
     assert not result.skipped
-    expected = expected_counts(omniglot_dir)
+    expected = expected_counts()
     assert expected["train"] == {"images": 19_280, "classes": 964, "groups": 30}
     manifest = shards.DataSet.open(str(dest)).manifest
     assert split_counts(manifest) == expected
@@ -214,7 +199,7 @@ def test_full_ingest_to_s3(ray_cluster, s3_env, omniglot_dir: Path) -> None:
     assert rc == 0
     dataset = shards.DataSet.open(uri, endpoint_url=s3_env.endpoint_url)
     manifest = dataset.manifest
-    assert split_counts(manifest) == expected_counts(omniglot_dir)
+    assert split_counts(manifest) == expected_counts()
     keys = [k for k in s3_env.keys(bucket) if not k.endswith("/")]
     assert "datasets/omniglot/manifest.json" in keys
     assert sorted(k for k in keys if k.endswith(".parquet")) == \
@@ -320,7 +305,7 @@ def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, sub
                                             tmp_path: Path) -> None:
     dest = tmp_path / "out"
     first = ingest.ingest(str(subset_a), str(dest), allow_subset=True, log=quiet)
-    assert split_counts(first.manifest) == subset_expected(omniglot_dir, SUBSET_A)
+    assert split_counts(first.manifest) == subset_expected(SUBSET_A)
     old_shards = {s.path for s in first.manifest.shards}
     (dest / "NOTES.txt").write_text("not ours")
     # A different source into the same destination is refused...
@@ -330,7 +315,7 @@ def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, sub
     assert shards.DataSet.open(str(dest)).manifest.content_checksum == first.manifest.content_checksum
     # ...unless --overwrite: the old shards go, unrelated files stay.
     second = ingest.ingest(str(subset_b), str(dest), allow_subset=True, overwrite=True, log=quiet)
-    assert split_counts(second.manifest) == subset_expected(omniglot_dir, SUBSET_B)
+    assert split_counts(second.manifest) == subset_expected(SUBSET_B)
     on_disk = {str(p.relative_to(dest)) for p in dest.rglob("*.parquet")}
     assert on_disk == {s.path for s in second.manifest.shards} and not on_disk & old_shards
     assert (dest / "NOTES.txt").read_text() == "not ours"
@@ -410,7 +395,7 @@ def test_ingest_from_url(ray_cluster, http_server, subset_a: Path, omniglot_dir:
     assert rc == 0
     manifest = shards.DataSet.open(str(dest)).manifest
     assert manifest.source["kind"] == "omniglot" and manifest.source["uri"] == f"{base}/mirror"
-    assert split_counts(manifest) == subset_expected(omniglot_dir, SUBSET_A)
+    assert split_counts(manifest) == subset_expected(SUBSET_A)
 
 
 def test_ingest_from_url_checksum_mismatch(http_server, subset_a: Path, tmp_path: Path, capsys) -> None:
@@ -445,3 +430,13 @@ def test_reader_refuses_missing_or_invalid_manifest(tmp_path: Path) -> None:
     (bad / "manifest.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(DatasetError, match="format"):
         shards.DataSet.open(str(bad))
+
+
+def test_split_as_names_splits_and_refuses_unknown_names() -> None:
+    from workflows.ingest import IngestError, parse_split_as
+
+    assert parse_split_as(["val=test"]) == {"validation": "test"}
+    assert parse_split_as(["Dev=validation", "valid=test"]) == {"validation": "test"}  # later wins, one name
+    for bad in ("val", "val=holdout", "=test"):
+        with pytest.raises(IngestError, match="--split-as"):
+            parse_split_as([bad])

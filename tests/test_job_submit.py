@@ -1,6 +1,6 @@
 """The documented local cluster, for real: token auth, loopback, ``ray job submit``.
 
-Does what README "Local Ray cluster (ray job submit)" and infra/local-ray.md tell a
+Does what docs/cluster.md "Local Ray cluster (ray job submit)" and infra/local-ray.md tell a
 user to type, in a private sandbox:
 
 - a token generated with ``ray get-auth-token --generate`` under a temporary HOME

@@ -92,6 +92,38 @@ def test_the_threshold_comes_from_validation_alone() -> None:
         choose_new_threshold(Ranking(labels=labels[:30], scores=scores[:30], truth=truth[:30], queries=np.arange(30)))
 
 
+class _SplitsInMemory:
+    """A data set's splits as evaluate_reid reads them (``load_images``, ``manifest.unknown_label``)."""
+
+    def __init__(self, by_split: dict[str, LabelledImages]) -> None:
+        from types import SimpleNamespace
+
+        self.by_split = by_split
+        self.manifest = SimpleNamespace(unknown_label=None)
+
+    def load_images(self, split: str, size: int, preprocess: PreprocessConfig, include_unknown: bool = False):
+        return self.by_split[split]
+
+
+def test_evaluate_reid_chooses_the_threshold_without_reading_the_test_split() -> None:
+    """Two data sets that share validation and differ in test: the same threshold, other test figures;
+    a different validation split moves the threshold (so it is read from validation, not fixed)."""
+    from siamese_core.config import EvaluationConfig
+    from workflows.evaluate import evaluate_reid
+
+    cfg = ModelConfig(preset="t", input_size=12, channels=(4, 4, 4, 8), kernels=(3, 2, 1, 1), embedding_dim=16,
+                      init="kaiming", preprocess=PreprocessConfig(color="rgb", invert=False))
+    model = build_model(cfg, seed=0).eval()
+    evaluation = EvaluationConfig(reid_new_share=0.3)
+    names = [f"c{i}" for i in range(15) for _ in range(4)]
+    validation, other_validation = _images(names, seed=1), _images(names, seed=7)
+    reids = [evaluate_reid(model, _SplitsInMemory({"validation": v, "test": _images(names, seed=t)}), evaluation, 0)
+             for v, t in ((validation, 2), (validation, 3), (other_validation, 2))]
+    assert reids[0].test.threshold == reids[1].test.threshold == reids[0].validation.threshold
+    assert reids[0].test.metrics() != reids[1].test.metrics()  # the test split was ranked, just never chosen on
+    assert reids[2].test.threshold != reids[0].test.threshold
+
+
 # ----------------------------------------------------------------------------- the workflow, end to end
 
 
@@ -232,13 +264,73 @@ def test_gallery_bad_input_is_a_clear_error(ray_cluster, individuals, colour_mod
     assert "holds no images" in capsys.readouterr().err
     err = error(["--model", str(colour_model), "--gallery", str(tmp_path), "--query", str(root / "queries")])
     assert "not a finished gallery" in err
-    # auto needs a threshold stored with the model
-    err = error(["--model", str(other), "--gallery", str(out), "--query", str(root / "queries"),
+    # auto needs a threshold stored with the model (the same weights, saved without one)
+    bare = tmp_path / "no-threshold"
+    bare.mkdir()
+    checkpoint.save(bare, checkpoint.load_model(colour_model))
+    err = error(["--model", str(bare), "--gallery", str(out), "--query", str(root / "queries"),
                  "--new-threshold", "auto"])
-    assert "carries no threshold" in err or "another model" in err
+    assert "carries no threshold" in err
+    for bad_p in ("1.5", "0", "often"):
+        err = error(["--model", str(colour_model), "--gallery", str(out), "--query", str(root / "queries"),
+                     "--new-threshold", bad_p])
+        assert "--new-threshold takes a probability" in err
     # an interrupted run (files, no manifest) is started again and replaces its partial files
     (out / "embeddings.json").unlink()
     (out / "stale-part.parquet").write_bytes(b"partial")
     assert embed.main(["--model", str(colour_model), "--data", str(root / "gallery"), "--output", str(out)]) == 0
     assert not (out / "stale-part.parquet").exists()
     assert json.loads((out / "embeddings.json").read_text())["rows"] == 48
+
+
+@pytest.mark.integration
+def test_the_whale_workflow_from_a_table_with_unknown_individuals(ray_cluster, individuals, colour_model, tmp_path,
+                                                                   capsys) -> None:
+    """A Kaggle-style table (Image, Id, new_whale): ingested, embedded from the shards and straight from the
+    table, then queries ranked with "new" at a given threshold; new_whale never becomes a gallery label."""
+    from workflows import embed, ingest, predict
+    from siamese_core.reid import NEW
+
+    root, colours = individuals
+    images = tmp_path / "whales" / "train"
+    images.mkdir(parents=True)
+    rows = []
+    for name in sorted(colours):
+        for k in range(4):
+            file = f"{name}_{k}.jpg"
+            (images / file).write_bytes((root / "gallery" / name / f"{k}.png").read_bytes())  # PNG bytes, .jpg name
+            rows.append((file, name))
+    for k in range(5):  # unknown individuals: kept in the data, never a class
+        (images / f"unknown_{k}.jpg").write_bytes(_png(7000 + k, np.array([10, 240, 10])))
+        rows.append((f"unknown_{k}.jpg", "new_whale"))
+    table = tmp_path / "whales" / "train.csv"
+    table.write_text("Image,Id\n" + "".join(f"{f},{i}\n" for f, i in rows))
+    flags = ["--image-column", "Image", "--label-column", "Id", "--unknown-label", "new_whale",
+             "--images-root", str(images)]
+
+    assert ingest.main(["--source", str(table), "--dest", str(tmp_path / "shards"), *flags]) == 0
+    from_shards, from_table = tmp_path / "g-shards", tmp_path / "g-table"
+    assert embed.main(["--model", str(colour_model), "--data", str(tmp_path / "shards"), "--output",
+                       str(from_shards)]) == 0
+    assert embed.main(["--model", str(colour_model), "--data", str(table), "--output", str(from_table),
+                       *flags]) == 0
+    capsys.readouterr()
+    for out in (from_shards, from_table):
+        gallery = embed.Gallery.open(str(out))
+        assert gallery.manifest["rows"] == len(rows) and gallery.manifest["data"]["unknown_label"] == "new_whale"
+        code = predict.main(["--model", str(colour_model), "--gallery", str(out), "--query", str(root / "queries"),
+                             "--top-k", "5", "--new-threshold", "0.5"])
+        ranked = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+        assert code == 0 and {r["query"] for r in ranked} == {"ind00.png", "ind05.png", "stranger.png"}
+        labels = {r["label"] for r in ranked}
+        assert "new_whale" not in labels and labels <= set(colours) | {NEW}
+        for query in ("ind00.png", "ind05.png", "stranger.png"):
+            mine = [r for r in ranked if r["query"] == query]
+            assert len(mine) == 5 and sum(r["label"] == NEW for r in mine) <= 1
+            known = [float(r["score"]) for r in mine if r["label"] != NEW]
+            assert known == sorted(known, reverse=True)
+    # embedding only the test split of the ingested set: the gallery holds that split alone
+    assert embed.main(["--model", str(colour_model), "--data", str(tmp_path / "shards"), "--split", "test",
+                       "--output", str(tmp_path / "g-test")]) == 0
+    test_gallery = embed.Gallery.open(str(tmp_path / "g-test"))
+    assert 0 < test_gallery.manifest["rows"] < len(rows)

@@ -118,6 +118,15 @@ def test_groups_and_pre_split_folders(ray_cluster, tmp_path: Path) -> None:
     assert len(split["validation"]) == 3 and len(split["test"]) == 3
     assert result.manifest.split_rule["carved"] == {"test": "seeded by class from validation"}
 
+    # --split-as val=test: the published val/ is the test split whole; validation comes from train
+    result = ingest.ingest(str(presplit), str(tmp_path / "q"), split_as=ingest.parse_split_as(["val=test"]),
+                           fractions=(0.8, 0.2, 0.0), log=quiet)
+    split = labels_by_split(tmp_path / "q")
+    assert split["test"] == {f"lion{i}" for i in range(10, 16)}
+    assert split["train"] | split["validation"] == {f"lion{i}" for i in range(10)}
+    assert len(split["validation"]) == 2 and not split["train"] & split["validation"]
+    assert result.manifest.split_rule["carved"] == {"validation": "seeded by class from train"}
+
 
 def test_a_table_with_groups_sources_splits_extras_and_unknown_individuals(ray_cluster, tmp_path: Path) -> None:
     images = tmp_path / "whales" / "train"

@@ -104,7 +104,7 @@ def test_registered_model_is_the_best_checkpoint(trained) -> None:
 def test_a_rerun_with_the_seed_trains_the_same_weights_on_two_workers(trained, small_shards, tmp_path) -> None:
     """Each epoch's pairs, which worker trains on which of them, the distortions of their copies
     and gloo's averaging of the two workers' gradients all repeat: a second run of the same job
-    trains the same weights bit for bit (README, "Reproducible")."""
+    trains the same weights bit for bit (docs/training.md, "Reproducibility")."""
     summary, _, _ = trained
     overrides = _overrides(small_shards, tmp_path)
     again = train.run(job_config.build("demo", overrides=overrides), "demo", overrides)
@@ -250,6 +250,20 @@ def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray
     cfg = job_config.build("demo", overrides=_overrides(small_shards, tmp_path, **{"cluster.gpus_per_worker": "1"}))
     with pytest.raises(ConfigError, match="GPU"):
         train.check_resources(cfg)
+
+
+def test_workers_none_fits_the_cluster(small_shards: str, tmp_path: Path, ray_cluster) -> None:
+    """A bare ``python -m workflows.train``: one CPU worker per 4 CPU slots (at least one), one per GPU group."""
+    overrides = {k: v for k, v in _overrides(small_shards, tmp_path).items()
+                 if k not in ("cluster.workers", "training.threads")}
+    cfg = job_config.build("demo", overrides=overrides)
+    assert cfg.cluster.workers is None and cfg.training.threads is None
+    fitted, fitted_overrides = train.fit_to_cluster(cfg, overrides)
+    slots = int(ray_cluster.cluster_resources()["CPU"])
+    assert fitted.cluster.workers == max(1, slots // 4) and fitted_overrides["cluster.workers"] == fitted.cluster.workers
+    with pytest.raises(ConfigError, match="GPU"):  # GPU workers on a cluster without GPUs: refused, not hung
+        train.fit_to_cluster(job_config.build("demo", overrides={**overrides, "cluster.gpus_per_worker": "1"}),
+                             overrides)
 
 
 def test_too_few_pairs_for_one_step_is_refused(tmp_path: Path) -> None:

@@ -38,6 +38,17 @@ def test_default_space_is_valid_and_covers_rates_momentum_l2_and_distortions() -
     assert any(k.startswith("optim.lr_multipliers.") for k in keys)
 
 
+def test_the_mining_space_searches_the_mining_keys_and_is_valid() -> None:
+    space = search_space.load("mining")
+    search_space.validate(space, job_config.build("demo"))
+    keys = set(search_space.searched_keys(space))
+    assert {"mining.every", "mining.share", "mining.noise_start", "mining.noise_end", "mining.noise_epochs",
+            "mining.exclude_used"} <= keys
+    assert space["mining.policy"] == "mined" and "mining.policy" not in keys  # a constant: every trial mines
+    params = search_space.to_tune(space)
+    assert params["mining.policy"] == "mined" and set(params) == set(space)
+
+
 def test_space_file_round_trips_and_replaces_the_default(tmp_path: Path) -> None:
     path = tmp_path / "space.yaml"
     path.write_text(search_space.dump(search_space.DEFAULT_SPACE))

@@ -1,8 +1,9 @@
 """How every command starts and ends: one console policy, one set of exit codes.
 
 Exit codes: 0 done; 2 a usage, configuration or input error found before the work
-started (nothing was changed: fix the input and re-run); 1 a failure while working
-(storage lost, training failed: what was kept is said); 130 interrupted.
+started, or found while working by a check that then undid everything (an error with
+``nothing_changed = True``, such as ingest's bad images): fix the input and re-run; 1 a
+failure while working (storage lost, training failed: what was kept is said); 130 interrupted.
 
 A user's mistake is one line that says what to fix, never a traceback. An error
 nobody foresaw (a bug) gets one line too, and its traceback goes to a file that
@@ -77,6 +78,7 @@ def configure_console(is_verbose: bool) -> None:
     if verbose():
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its loggers' level when imported
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download
     for name in ("mlflow", "alembic", "ray", "ray.data", "ray.train", "ray.tune", "urllib3", "botocore"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for handler_owner in (logging.getLogger("ray"), logging.getLogger()):
@@ -123,4 +125,5 @@ def run(body: Callable[[], int | None], on_failure: Callable[[BaseException], st
         print(message, file=sys.stderr)
         if verbose():
             traceback.print_exception(type(raw), raw, raw.__traceback__)
-        return FAILURE if (_state["working"] or not known) else USAGE
+        found_in_input = known and (not _state["working"] or getattr(exc, "nothing_changed", False))
+        return USAGE if found_in_input else FAILURE

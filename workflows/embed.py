@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from workflows import cli, storage
+from workflows.sources import add_source_arguments, source_table_options
 from workflows.shards import SPLITS, DatasetError
 from workflows.storage import Location, StorageError
 
@@ -141,7 +142,8 @@ def read_bytes_batch(batch: pa.Table, reader: Any) -> pa.Table:
     return batch.drop_columns(["where"]).append_column("image", pa.array(data, pa.binary()))
 
 
-def input_dataset(data: str, splits: list[str], endpoint_url: str | None) -> tuple[Any, dict]:
+def input_dataset(data: str, splits: list[str], endpoint_url: str | None, kind: str = "auto", groups: bool = False,
+                  table_options: dict[str, Any] | None = None) -> tuple[Any, dict]:
     """The images to embed as a Ray dataset (``image_id``, ``image``, ``label``, ``split``), and what identifies them."""
     import ray.data
 
@@ -159,7 +161,7 @@ def input_dataset(data: str, splits: list[str], endpoint_url: str | None) -> tup
         ds = ray.data.read_parquet(paths, filesystem=dataset.loc.fs, columns=["image_id", "image", "label", "split"])
         return ds, {"uri": dataset.uri, "checksum": dataset.manifest.content_checksum, "splits": splits,
                     "unknown_label": dataset.manifest.unknown_label}
-    listing = open_source(data, endpoint_url=endpoint_url)
+    listing = open_source(data, kind=kind, groups=groups, endpoint_url=endpoint_url, table_options=table_options)
     if listing.problems:
         raise EmbedError(f"{len(listing.problems)} bad row(s) or file(s) in {data}, e.g. {listing.problems[0]}; "
                          "ingest it with --skip-bad first, or fix them")
@@ -169,13 +171,15 @@ def input_dataset(data: str, splits: list[str], endpoint_url: str | None) -> tup
             for e in listing.entries]
     ds = ray.data.from_items(rows).map_batches(read_bytes_batch, fn_kwargs={"reader": listing.reader},
                                                batch_format="pyarrow", batch_size=256)
-    return ds, {"uri": data, "checksum": listing_checksum(listing.entries, {"kind": listing.kind}),
+    return ds, {"uri": data, "checksum": listing_checksum(listing.entries, {"kind": listing.kind,
+                                                                           **(table_options or {})}),
                 "splits": ["all"], "unknown_label": listing.unknown_label}
 
 
 def embed(model_spec: str, data: str, output: str, *, splits: list[str] | None = None, actors: int = 1,
           gpus_per_actor: float = 0.0, cpus_per_actor: float = 1.0, batch_size: int = 256,
           endpoint_url: str | None = None, tracking_uri: str | None = None, overwrite: bool = False,
+          kind: str = "auto", groups: bool = False, table_options: dict[str, Any] | None = None,
           log: Any = print) -> dict:
     """Library entry point of the CLI; returns the gallery's manifest."""
     import ray
@@ -191,7 +195,7 @@ def embed(model_spec: str, data: str, output: str, *, splits: list[str] | None =
     net = load_any(model_spec, endpoint_url, tracking_uri=tracking_uri)
     digest = model_digest(net)
     with ray_session():
-        ds, source = input_dataset(data, splits, endpoint_url)
+        ds, source = input_dataset(data, splits, endpoint_url, kind, groups, table_options)
         manifest_path = loc.join(MANIFEST_NAME)
         if storage.exists(loc.fs, manifest_path):
             old = storage.read_json(loc.fs, manifest_path)
@@ -244,11 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "predict takes")
     parser.add_argument("--data", required=True, help="a data set written by workflows.ingest, or a source it reads")
     parser.add_argument("--output", required=True, help="a local directory or s3://bucket/prefix")
+    add_source_arguments(parser, "--data (a raw source)")
     parser.add_argument("--split", action="append", choices=list(SPLITS), default=None,
                         help="an ingested data set's split to embed (repeatable; default: every split)")
     parser.add_argument("--actors", type=int, default=1, help="embedding actors (default: %(default)s)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: CPU actors (default: %(default)s)")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0, help="default: %(default)s")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0,
+                        help="CPU slots each actor takes (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch (default: %(default)s)")
     parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations (default: AWS_ENDPOINT_URL)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -269,7 +275,8 @@ def _main(argv: list[str] | None) -> int:
         parser.error("--actors and --batch-size must be >= 1")
     embed(args.model, args.data, args.output, splits=args.split, actors=args.actors,
           gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-          endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri, overwrite=args.overwrite)
+          endpoint_url=args.endpoint_url, tracking_uri=args.tracking_uri, overwrite=args.overwrite,
+          kind=args.kind, groups=args.groups, table_options=source_table_options(args))
     return 0
 
 

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a data set written by workflows.ingest (dir or s3://)")
-    parser.add_argument("--split", default="test", choices=["validation", "test"], help="default: %(default)s")
+    parser.add_argument("--split", default="test", choices=["validation", "test"],
+                        help="the split whose episodes are scored (default: %(default)s)")
     parser.add_argument("--model", default="pixel-nn",
                         help="a baseline (pixel-nn), a checkpoint directory (local or s3://), "
                              "or an MLflow model URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/...) "
@@ -213,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "validation); default: where the data set has no groups")
     parser.add_argument("--reid-new-share", type=float, default=0.2,
                         help="share of a split's classes held out of the gallery as new (default: %(default)s)")
-    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT, help="default: %(default)s")
+    parser.add_argument("--experiment", default=tracking.DEFAULT_EXPERIMENT,
+                        help="the MLflow experiment the result goes to (default: %(default)s)")
     parser.add_argument("--no-mlflow", action="store_true", help="print only; record nothing")
     parser.add_argument("--figure", default=None, metavar="PNG",
                         help="also write a picture of a few trials (query, support set, choice) to this file (default: none)")
@@ -221,8 +223,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CONFIG_FLAGS = {"evaluation.n_way": "--n-way", "evaluation.k_shot": "--k-shot",
+                "evaluation.runs_per_group": "--runs-per-group", "evaluation.reid_new_share": "--reid-new-share"}
+"""The configuration keys this command sets from its flags: its errors name the flag the user typed."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(lambda: _main(argv))
+    from siamese_core.config import ConfigError
+
+    def body() -> int:
+        try:
+            return _main(argv)
+        except ConfigError as exc:
+            named = [f"{flag} sets {key}" for key, flag in CONFIG_FLAGS.items() if key in str(exc)]
+            if not named:
+                raise
+            raise ConfigError(f"{exc} ({'; '.join(named)})") from exc
+
+    return cli.run(body)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -270,7 +288,7 @@ def _main(argv: list[str] | None) -> int:
         import matplotlib.pyplot as plt
 
         fig = tracking.oneshot_trials_figure(scored, args.split)
-        fig.savefig(args.figure, dpi=110)
+        fig.savefig(args.figure, dpi=80)
         plt.close(fig)
         print(f"trials picture: {args.figure}")
     if not args.no_mlflow:

@@ -60,7 +60,8 @@ import pyarrow as pa
 from workflows import cli, download, storage
 from workflows.shards import (MANIFEST_NAME, SPLITS, DataSet, DatasetError, Manifest, content_checksum_of,
                               read_manifest_at, schema)
-from workflows.sources import Entry, Listing, Problem, SourceError, omniglot_problems, open_source
+from workflows.sources import (SPLIT_NAMES, Entry, Listing, Problem, SourceError, add_source_arguments,
+                               omniglot_problems, open_source, source_table_options)
 from workflows.storage import Location, StorageError
 
 DEFAULT_DEST = "./data/shards"
@@ -91,20 +92,50 @@ def _held_out(n: int, fraction: float, explicit: bool) -> int:
 
 def _split_names(names: list[str], fractions: tuple[float, float, float], seed: int, explicit: bool,
                  only: tuple[str, ...] = SPLITS) -> dict[str, str]:
-    """A seeded assignment of names (classes or groups) to the splits in ``only``."""
+    """A seeded assignment of names (classes or groups) to the splits in ``only``.
+
+    ``only`` is every split (nothing given), or the donor split and those carved from it:
+    ("validation", "test") halves a given validation split; ("train", "validation") or
+    ("train", "test") takes the missing one from a given train split at its fraction.
+    """
     order = np.random.default_rng([seed, 0x5011]).permutation(len(names))
     shuffled = [names[i] for i in order]
     if only == ("validation", "test"):
         cut = len(shuffled) // 2
         return {n: ("validation" if i < cut else "test") for i, n in enumerate(shuffled)}
-    n_val = _held_out(len(names), fractions[1], explicit)
-    n_test = _held_out(len(names), fractions[2], explicit)
+    n_val = _held_out(len(names), fractions[1], explicit) if "validation" in only else 0
+    n_test = _held_out(len(names), fractions[2], explicit) if "test" in only else 0
     if n_val + n_test >= len(names):
         raise IngestError(f"{len(names)} classes (or groups) cannot be split into train, validation and test; "
                           "give more classes, or split them yourself (pre-split folders or a split column)")
     out = {}
     for i, name in enumerate(shuffled):
         out[name] = "validation" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
+
+
+def rename_splits(listing: Listing, split_as: Mapping[str, str]) -> None:
+    """Read the source's splits under other names (``--split-as val=test``), in place.
+
+    Why: sets are often published as train/ and val/ only; keeping their val/ for the final
+    test means validation is carved from train instead, so selecting epochs and thresholds
+    never touches the individuals the test reports on.
+    """
+    if split_as:
+        listing.entries = [e if e.split not in split_as else Entry(**{**e.__dict__, "split": split_as[e.split]})
+                           for e in listing.entries]
+
+
+def parse_split_as(texts: list[str]) -> dict[str, str]:
+    """``["val=test"]`` -> ``{"validation": "test"}``, each side one of the split names ingest reads."""
+    out: dict[str, str] = {}
+    for text in texts:
+        given, _, wanted = text.partition("=")
+        names = [SPLIT_NAMES.get(n.strip().lower()) for n in (given, wanted)]
+        if not _ or None in names:
+            raise IngestError(f"--split-as takes FOLDER=SPLIT with split names among {sorted(set(SPLIT_NAMES))}, "
+                              f"got {text!r}")
+        out[names[0]] = names[1]
     return out
 
 
@@ -133,7 +164,7 @@ def assign_splits(listing: Listing, fractions: tuple[float, float, float], seed:
             donor = "validation" if "validation" in given else "train"
             donor_classes = sorted({e.label for e in known if e.split == donor})
             carve = _split_names(donor_classes, fractions, seed, explicit,
-                                 only=("validation", "test") if donor == "validation" else SPLITS)
+                                 only=("validation", "test") if donor == "validation" else (donor, *missing))
             entries = [e if e.split != donor or e.label == unknown else
                        Entry(**{**e.__dict__, "split": carve[e.label]}) for e in entries]
             rule = {"rule": "given", "carved": {s: f"seeded by class from {donor}" for s in missing}, "seed": seed}
@@ -437,10 +468,16 @@ def build_manifest(listing: Listing, plan: list[tuple[str, list[Entry]]], summar
 # --------------------------------------------------------------------------- entry point
 
 
+class BadInputError(IngestError):
+    """Bad images or rows: ingest wrote nothing and left the destination as it was."""
+
+    nothing_changed = True  # exit 2 (workflows.cli) even when found while reading the images
+
+
 def _problem_error(problems: list[Problem], where: str, limit: int) -> IngestError:
     shown = "\n  ".join(str(p) for p in problems[:limit])
     more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    return IngestError(f"{len(problems)} bad file(s) or row(s) in {where}; nothing was written:\n  {shown}{more}\n"
+    return BadInputError(f"{len(problems)} bad file(s) or row(s) in {where}; nothing was written:\n  {shown}{more}\n"
                        "Fix or remove them, or pass --skip-bad to leave them out (they are then listed in the "
                        "manifest).")
 
@@ -450,7 +487,7 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
            checksums: Mapping[str, str] | None = None, kind: str = "auto", groups: bool = False,
            table_options: Mapping[str, Any] | None = None, fractions: tuple[float, float, float] | None = None,
            split_seed: int = 0, shard_mb: float = 64.0, invert: bool | None = None, max_problems: int = 20,
-           log: Callable[[str], None] = print) -> IngestResult:
+           split_as: Mapping[str, str] | None = None, log: Callable[[str], None] = print) -> IngestResult:
     """Library entry point of the CLI; raises IngestError / StorageError / DatasetError on failure."""
     from workflows.ray_setup import ray_session
 
@@ -476,13 +513,16 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
         if structural:
             _restore(loc, None, created_dirs, log)
             raise IngestError(f"{listing.description.get('uri')}: " + "; ".join(structural[:5]))
+    rename_splits(listing, split_as or {})
     explicit = fractions is not None
     entries, split_rule, split_problems = assign_splits(listing, fractions or DEFAULT_FRACTIONS, split_seed, explicit)
     problems = listing.problems + split_problems
     if split_problems and skip_bad:  # a class in two splits cannot be left out row by row
+        _restore(loc, None, created_dirs, log)
         raise _problem_error(split_problems, str(listing.description.get("uri")), max_problems)
     options = {"kind": listing.kind, "groups": groups, "skip_bad": skip_bad, "shard_mb": shard_mb,
-               "invert": invert, "split": split_rule, "unknown_label": listing.unknown_label}
+               "invert": invert, "split": split_rule, "unknown_label": listing.unknown_label,
+               **({"split_as": dict(split_as)} if split_as else {})}
     checksum = listing_checksum(entries, options)
     if problems and not skip_bad:
         _restore(loc, None, created_dirs, log)
@@ -547,20 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder of class folders, a .csv/.tsv/.parquet table (local or s3://), a folder "
                              "with the Omniglot archives, 'official', or an http(s) base URL serving them")
     parser.add_argument("--dest", default=DEFAULT_DEST, help="local directory or s3://bucket/prefix (default: %(default)s)")
-    parser.add_argument("--format", dest="kind", default="auto", choices=["auto", "folder", "table", "omniglot"],
-                        help="how to read --source (default: %(default)s, from what it is)")
-    parser.add_argument("--groups", action="store_true",
-                        help="folders: ROOT/GROUP/CLASS/IMAGE, classes compared within their group")
-    table = parser.add_argument_group("table sources")
-    table.add_argument("--image-column", help="column of image paths (default: image, path, file or filename)")
-    table.add_argument("--label-column", help="column of labels (default: label, class or id)")
-    table.add_argument("--group-column", help="optional column of groups (default: none)")
-    table.add_argument("--source-column", help="optional column of sources: camera, session, drawer (default: none)")
-    table.add_argument("--split-column", help="optional column of splits: train, val/validation, test (default: none, seeded splits)")
-    table.add_argument("--images-root", help="folder or s3:// prefix the image paths are relative to "
-                                             "(default: the table's folder)")
-    table.add_argument("--unknown-label", help="a label that marks unknown individuals (e.g. new_whale): kept, "
-                                               "never made a class (default: none)")
+    add_source_arguments(parser, "--source")
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out bad images and rows (listed in the manifest) instead of stopping")
     parser.add_argument("--max-problems", type=int, default=20, help="bad files or rows named in the error "
@@ -569,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fractions of classes (or groups) for a seeded split (default 0.7,0.15,0.15, with at "
                              f"least {MIN_HELD_OUT_CLASSES} classes or a fifth each for validation and test)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--split-as", action="append", default=[], metavar="FOLDER=SPLIT",
+                        help="read a given split under another name, e.g. val=test to keep a published val/ "
+                             "for the final test and carve validation from train (repeatable; default: none)")
     parser.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
                         help="record that dark strokes on a light background are the content (signatures, "
                              "handwriting), so models invert the pixels (default: no, as for photographs)")
@@ -602,14 +632,12 @@ def _main(argv: list[str] | None) -> int:
         checksums.update({k: v for k, v in download.read_checksum_file(args.checksums_file).items()
                           if k in download.ARCHIVE_FILES})
     checksums.update(dict(download.parse_checksum_option(o) for o in args.checksum))
-    table_options = {k: getattr(args, k) for k in ("image_column", "label_column", "group_column",
-                                                   "source_column", "split_column", "images_root",
-                                                   "unknown_label") if getattr(args, k) is not None}
+    table_options = source_table_options(args)
     ingest(args.source, args.dest, endpoint_url=args.endpoint_url, overwrite=args.overwrite,
            skip_bad=args.skip_bad, allow_subset=args.allow_subset, cache_dir=args.cache_dir,
            checksums=checksums, kind=args.kind, groups=args.groups, table_options=table_options,
            fractions=args.split_fractions, split_seed=args.split_seed, shard_mb=args.shard_mb,
-           invert=args.invert, max_problems=args.max_problems)
+           invert=args.invert, max_problems=args.max_problems, split_as=parse_split_as(args.split_as))
     return 0
 
 

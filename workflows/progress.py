@@ -83,6 +83,7 @@ class EpochProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.shown_epoch: float | None = None
+        self.shown_restore: float | None = None
         self.last = ""
 
     def line(self, row: dict) -> str:
@@ -106,6 +107,11 @@ class EpochProgress:
             return
         if row["epoch"] == self.shown_epoch:
             return
+        restored = row.get("restored_from_epoch")  # workflows.train.RESTORED_FROM_EPOCH
+        if restored is not None and restored != self.shown_restore:
+            self.shown_restore = restored
+            self.stream.write(("\n" if self.tty and self.last else "")
+                              + f"training: workers restarted from the checkpoint of epoch {int(restored)}\n")
         self.shown_epoch, self.last = row["epoch"], self.line(row)
         self.stream.write(("\r\033[K" + self.last) if self.tty else self.last + "\n")
         self.stream.flush()

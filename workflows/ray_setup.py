@@ -48,6 +48,16 @@ def _job_env_var_keys() -> set[str]:
         return set()
 
 
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+"""A private instance runs its workers at the user's priority, not Ray's default nice 15.
+
+Why: the kernel weighs nice 15 against nice 0 as 36 to 1,024, so beside any busy process at
+the user's priority a Train worker gets a few percent of a core; on a busy laptop its epochs
+crawl and Ray Train's health check of the starved worker fails. A cluster started with
+``ray start`` keeps its own setting (``RAY_worker_niceness``; docs/cluster.md).
+"""
+
+
 def local_logical_cpus() -> int:
     """CPU slots for a private single-host Ray: at least 4, whatever the cores.
 
@@ -89,7 +99,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool | None = None) -> bool:
         # cleaner needs: without it, the resources of a trial that Tune stops are never freed
         # and later trials wait for them forever.
         ray.init(address="local", num_cpus=num_cpus or local_logical_cpus(),
-                 include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+                 include_dashboard=True, dashboard_host="127.0.0.1", _system_config=LOCAL_SYSTEM_CONFIG, **kwargs)
     return True
 
 

@@ -12,7 +12,8 @@ distribution written as a one-key mapping::
     training.batch_size: 32                   # a constant: fixed for every trial
 
 ``python -m workflows.tune --print-space`` prints the default below; a file
-given with ``--space FILE`` replaces it entirely (copy the default and edit).
+given with ``--space FILE`` replaces it entirely (copy the default and edit), and
+``--space NAME`` picks a named space from :data:`SPACES` (``mining``: hard pairs).
 """
 
 from __future__ import annotations
@@ -47,10 +48,29 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 
 
+MINING_SPACE: dict[str, Any] = {
+    # Hard pairs (siamese_core.mining) on, with the rates they train at.
+    "mining.policy": "mined",
+    "optim.lr": {"loguniform": [0.01, 0.3]},
+    "optim.momentum": {"uniform": [0.5, 0.95]},
+    "mining.every": {"int": [1, 4]},
+    "mining.share": {"uniform": [0.25, 1.0]},
+    "mining.noise_start": {"loguniform": [0.3, 5.0]},
+    "mining.noise_end": {"loguniform": [0.01, 0.5]},
+    "mining.noise_epochs": {"int": [5, 60]},
+    "mining.exclude_used": {"choice": [True, False]},
+}
+
+SPACES: dict[str, dict[str, Any]] = {"default": DEFAULT_SPACE, "mining": MINING_SPACE}
+"""Named spaces for ``--space NAME``; any other value is a YAML file."""
+
+
 def load(path: str | Path | None) -> dict[str, Any]:
-    """The space in ``path`` (YAML), or the default when no file is given."""
+    """The named space, or the space in ``path`` (YAML), or the default when nothing is given."""
     if path is None:
         return dict(DEFAULT_SPACE)
+    if str(path) in SPACES:
+        return dict(SPACES[str(path)])
     import yaml
 
     data = yaml.safe_load(Path(path).read_text())

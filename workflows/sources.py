@@ -494,6 +494,34 @@ def omniglot_problems(listing: Listing, allow_subset: bool) -> list[str]:
     return []
 
 
+TABLE_OPTIONS = ("image_column", "label_column", "group_column", "source_column", "split_column", "images_root",
+                 "unknown_label")
+
+
+def add_source_arguments(parser: Any, flag: str) -> None:
+    """The flags that say how to read a raw source (``flag`` names it): one definition for ingest and embed."""
+    parser.add_argument("--format", dest="kind", default="auto", choices=["auto", "folder", "table", "omniglot"],
+                        help=f"how to read {flag} (default: %(default)s, from what it is)")
+    parser.add_argument("--groups", action="store_true",
+                        help="folders: ROOT/GROUP/CLASS/IMAGE, classes compared within their group")
+    table = parser.add_argument_group("table sources")
+    table.add_argument("--image-column", help="column of image paths (default: image, path, file or filename)")
+    table.add_argument("--label-column", help="column of labels (default: label, class or id)")
+    table.add_argument("--group-column", help="optional column of groups (default: none)")
+    table.add_argument("--source-column", help="optional column of sources: camera, session, drawer (default: none)")
+    table.add_argument("--split-column", help="optional column of splits: train, val/validation, test "
+                                              "(default: none, seeded splits)")
+    table.add_argument("--images-root", help="folder or s3:// prefix the image paths are relative to "
+                                             "(default: the table's folder)")
+    table.add_argument("--unknown-label", help="a label that marks unknown individuals (e.g. new_whale): kept, "
+                                               "never made a class (default: none)")
+
+
+def source_table_options(args: Any) -> dict[str, Any]:
+    """The table flags the user gave (``add_source_arguments``), as ``open_source``'s ``table_options``."""
+    return {k: getattr(args, k) for k in TABLE_OPTIONS if getattr(args, k, None) is not None}
+
+
 def open_source(source: str, *, kind: str = "auto", groups: bool = False, endpoint_url: str | None = None,
                 table_options: dict[str, Any] | None = None,
                 fetch_omniglot: Callable[[str], Path] | None = None) -> Listing:

@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -164,9 +165,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loop = TrainingLoop(cfg.recipe, model, optimizer, device, validator, rank=rank, world=world,
                         autocast_dtype=autocast, mean_across_ranks=_mean_across_ranks, from_rank0=_broadcast)
 
+    # The first row after a restore says so: the driver's quiet console (which reads the MLflow
+    # run, not the workers' logs) and the run's history then show the restart.
+    restored_from = {"epoch": payload["epoch"]} if payload is not None else {}
+
     def report(row: dict[str, Any], loop_state: LoopState) -> None:
         row = {**row, "worker_nodes": worker_nodes,
                CHECKPOINT_RANK: checkpoint_rank(row["val_oneshot_accuracy"], row["epoch"])}
+        if restored_from:
+            row[RESTORED_FROM_EPOCH] = restored_from.pop("epoch")
         if rank == 0:
             log.info(f"[rank 0] epoch {row['epoch']:3d} loss {row['train_loss']:.4f} "
                      f"val verif {row['val_verification_accuracy']:.4f} "
@@ -367,6 +374,9 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], dataset: Any, sto
     )
 
 
+RESTORED_FROM_EPOCH = "restored_from_epoch"
+"""In the first epoch's metrics after the workers restored a checkpoint: that checkpoint's epoch."""
+
 CHECKPOINT_RANK = "checkpoint_rank"
 """The metric Ray Train keeps checkpoints by (``CheckpointConfig.checkpoint_score_attribute``)."""
 
@@ -376,8 +386,7 @@ def checkpoint_rank(val_oneshot_accuracy: float, epoch: int) -> float:
 
     Why: Ray Train keeps the later of two equally scored checkpoints, while the paper's
     early stopping (a strict improvement) calls the earlier one best; ranking on the bare
-    accuracy let a ``make demo`` run register epoch 43 while its metrics said best epoch 39
-    (both 74.69%). 1e-9 per epoch cannot reorder two different accuracies: over fewer
+    accuracy would register a later epoch than the one the metrics call best. 1e-9 per epoch cannot reorder two different accuracies: over fewer
     than a million trials they differ by more than 1e-6, and runs have fewer than 1,000 epochs.
     """
     return float(val_oneshot_accuracy) - 1e-9 * int(epoch)
@@ -393,16 +402,27 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
 
 def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """The whole job; returns a summary (test accuracy beside the pixel baseline, MLflow run id, best epoch)."""
-    import mlflow
-
-    from siamese_core import checkpoint as ckpt_io
-    from workflows import evaluate, ray_setup, tracking
-    from workflows.progress import EpochProgress
+    from workflows import ray_setup
 
     checks = preflight(cfg, overrides)
     cfg, overrides, dataset = checks["cfg"], checks["overrides"], checks["dataset"]
     tracking_uri = checks["tracking_uri"]
-    cli.started_work()
+    ray_scope = contextlib.ExitStack()  # Ray stops before the test trials, which need none of it
+    with ray_scope:
+        ray_scope.enter_context(ray_setup.ray_session())
+        cfg, overrides = fit_to_cluster(cfg, overrides)  # a request the cluster cannot meet: exit 2, no run made
+        cli.started_work()
+        return _train_and_report(cfg, recipe, overrides, checks, dataset, tracking_uri, ray_scope)
+
+
+def _train_and_report(cfg: JobConfig, recipe: str, overrides: dict[str, Any], checks: dict[str, Any], dataset: Any,
+                      tracking_uri: str, ray_scope: contextlib.ExitStack) -> dict[str, Any]:
+    import mlflow
+
+    from siamese_core import checkpoint as ckpt_io
+    from workflows import evaluate, tracking
+    from workflows.progress import EpochProgress
+
     run_name = cfg.tracking.run_name or f"train-{dataset.name}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     resumed = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
@@ -413,24 +433,23 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
             tracking.remember_run(checks["storage"], cfg.cluster.name, tracking_uri, mlrun.info.run_id)
         else:
             print(f"Resuming {cfg.cluster.name!r} from {checks['storage'].uri}: MLflow run {resumed}")
-        with ray_setup.ray_session():
-            cfg, overrides = fit_to_cluster(cfg, overrides)
-            loop_config = {"recipe": recipe, "overrides": overrides}
-            trainer = build_trainer(cfg, loop_config, dataset, checks["storage"],
-                                    [tracking.EpochMetricsCallback(tracking_uri, mlrun.info.run_id)])
-            started = time.perf_counter()
-            if cli.verbose():  # the workers' own epoch lines reach the console
-                result = trainer.fit()
-            else:
-                display = EpochProgress(cfg.training.epochs, cfg.training.time_budget_s)
-                print(f"training on {cfg.cluster.workers} worker(s): {dataset.name}, recipe {recipe}, "
-                      f"run {cfg.cluster.name!r}", file=sys.stderr, flush=True)
-                try:
-                    with tracking.following_epochs(tracking_uri, mlrun.info.run_id, display.show):
-                        result = trainer.fit()
-                finally:
-                    display.close()
-            train_seconds = time.perf_counter() - started
+        loop_config = {"recipe": recipe, "overrides": overrides}
+        trainer = build_trainer(cfg, loop_config, dataset, checks["storage"],
+                                [tracking.EpochMetricsCallback(tracking_uri, mlrun.info.run_id)])
+        started = time.perf_counter()
+        if cli.verbose():  # the workers' own epoch lines reach the console
+            result = trainer.fit()
+        else:
+            display = EpochProgress(cfg.training.epochs, cfg.training.time_budget_s)
+            print(f"training on {cfg.cluster.workers} worker(s): {dataset.name}, recipe {recipe}, "
+                  f"run {cfg.cluster.name!r}", file=sys.stderr, flush=True)
+            try:
+                with tracking.following_epochs(tracking_uri, mlrun.info.run_id, display.show):
+                    result = trainer.fit()
+            finally:
+                display.close()
+        train_seconds = time.perf_counter() - started
+        ray_scope.close()
         checkpoint, best_metrics = best_checkpoint(result)
         with checkpoint.as_directory() as directory:
             model = ckpt_io.load_model(directory)

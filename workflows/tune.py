@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workflows.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     job_config.add_arguments(parser)
-    parser.add_argument("--space", help="YAML search space (replaces the default; see --print-space)")
+    parser.add_argument("--space", help="a named search space (default, mining) or a YAML file that replaces the "
+                                        "default (see --print-space; default: the default space)")
     s = SearchSection()
     parser.add_argument("--name", help=f"search name under the storage path; re-use it to resume (default: {s.name})")
     parser.add_argument("--samples", type=int, help=f"trials in all, search.num_samples (default: {s.num_samples})")
@@ -366,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, SearchSection,
     args = parser.parse_args(argv)
     job_overrides, search_overrides = split_search(job_config.collect_overrides(args, SHORTCUTS))
     search_cfg = apply_overrides(SearchSection(), search_overrides, "search.")
-    if search_cfg.space is not None:
+    if search_cfg.space is not None and search_cfg.space not in search_space.SPACES:
         search_cfg = apply_overrides(search_cfg, {"space": str(Path(search_cfg.space).resolve())})
     cfg, job_overrides = job_config.resolve(args.recipe, job_overrides)
     return cfg, search_cfg, args.recipe, job_overrides, args
