@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ class _RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 def crafted_checkpoint(directory: Path, marker: Path) -> Path:

@@ -436,7 +436,9 @@ def test_split_as_names_splits_and_refuses_unknown_names() -> None:
     from workflows.ingest import IngestError, parse_split_as
 
     assert parse_split_as(["val=test"]) == {"validation": "test"}
-    assert parse_split_as(["Dev=validation", "valid=test"]) == {"validation": "test"}  # later wins, one name
+    assert parse_split_as(["val=test", "dev=test"]) == {"validation": "test"}  # two names of one split
     for bad in ("val", "val=holdout", "=test"):
         with pytest.raises(IngestError, match="--split-as"):
             parse_split_as([bad])
+    with pytest.raises(IngestError, match="both"):
+        parse_split_as(["val=test", "valid=train"])

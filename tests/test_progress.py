@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 from workflows.progress import EpochProgress
 
@@ -14,19 +15,23 @@ def _row(epoch: int, **extra: float) -> dict:
 
 def test_each_epoch_is_one_line_and_a_restore_is_said_once() -> None:
     out = io.StringIO()  # not a terminal: a line per epoch
-    display = EpochProgress(epochs=5, budget_s=100.0, stream=out)
-    display.show(_row(0))
+    before = time.time() - 60.0
+    display = EpochProgress(epochs=6, budget_s=100.0, stream=out)
+    now = time.time()
+    display.show(_row(0, restored_from_epoch=4.0, restored_at=before))  # an earlier process's restart: not news
     display.show(_row(0))  # polled again before the next epoch: nothing new
     display.show(_row(1))
-    display.show(_row(2, restored_from_epoch=1.0))  # the workers came back from epoch 1's checkpoint
-    display.show(_row(3, restored_from_epoch=1.0))  # MLflow's latest value stays; not a second restart
-    display.show(_row(4, restored_from_epoch=3.0))  # a second restart
+    display.show(_row(2, restored_from_epoch=1.0, restored_at=now + 1))  # the workers came back from epoch 1's
+    display.show(_row(3, restored_from_epoch=1.0, restored_at=now + 1))  # MLflow's latest value stays: not again
+    display.show(_row(4, restored_from_epoch=3.0, restored_at=now + 5))  # a second restart
+    display.show(_row(5, restored_from_epoch=3.0, restored_at=now + 9))  # a third, from the same checkpoint
     display.close()
     lines = out.getvalue().splitlines()
     assert [line.split(",")[0] for line in lines if line.startswith("training: epoch")] == [
-        f"training: epoch {e} ({e + 1}/5)" for e in range(5)]
+        f"training: epoch {e} ({e + 1}/6)" for e in range(6)]
     restarts = [line for line in lines if "restarted" in line]
     assert restarts == ["training: workers restarted from the checkpoint of epoch 1",
+                        "training: workers restarted from the checkpoint of epoch 3",
                         "training: workers restarted from the checkpoint of epoch 3"]
     assert lines.index(restarts[0]) < lines.index(next(x for x in lines if x.startswith("training: epoch 2")))
 

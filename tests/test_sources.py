@@ -120,12 +120,15 @@ def test_groups_and_pre_split_folders(ray_cluster, tmp_path: Path) -> None:
 
     # --split-as val=test: the published val/ is the test split whole; validation comes from train
     result = ingest.ingest(str(presplit), str(tmp_path / "q"), split_as=ingest.parse_split_as(["val=test"]),
-                           fractions=(0.8, 0.2, 0.0), log=quiet)
+                           log=quiet)
     split = labels_by_split(tmp_path / "q")
     assert split["test"] == {f"lion{i}" for i in range(10, 16)}
     assert split["train"] | split["validation"] == {f"lion{i}" for i in range(10)}
     assert len(split["validation"]) == 2 and not split["train"] & split["validation"]
     assert result.manifest.split_rule["carved"] == {"validation": "seeded by class from train"}
+    with pytest.raises(IngestError, match="does not give"):  # a folder the source has not got
+        ingest.ingest(str(presplit), str(tmp_path / "r"), split_as={"test": "validation"}, log=quiet)
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_table_with_groups_sources_splits_extras_and_unknown_individuals(ray_cluster, tmp_path: Path) -> None:
@@ -160,6 +163,31 @@ def test_a_table_with_groups_sources_splits_extras_and_unknown_individuals(ray_c
     assert set(train.column("source").to_pylist()) == {"cam0", "cam1"}
     # loading a split for a model leaves them out too
     assert dataset.load_images("test", 16, PreprocessConfig()).classes == tuple(sorted(set(held[1]) - {"new_whale"}))
+
+
+def test_a_parquet_table_with_group_and_split_columns(ray_cluster, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "parts"
+    images.mkdir()
+    rows = {"file": [], "part": [], "family": [], "subset": []}
+    for i in range(36):
+        (images / f"p{i}.png").write_bytes(image_bytes(i))
+        family = i // 12  # 3 families of 4 parts, 3 photos each
+        rows["file"].append(f"p{i}.png")
+        rows["part"].append(f"part{i // 3}")
+        rows["family"].append(f"fam{family}")
+        rows["subset"].append(["train", "val", "test"][family])
+    pq.write_table(pa.table(rows), tmp_path / "parts.parquet")
+    assert ingest.main(["--source", str(tmp_path / "parts.parquet"), "--dest", str(tmp_path / "shards"),
+                        "--image-column", "file", "--label-column", "part", "--group-column", "family",
+                        "--split-column", "subset", "--images-root", str(images)]) == 0
+    dataset = shards.DataSet.open(str(tmp_path / "shards"))
+    assert dataset.manifest.columns["group"] and dataset.manifest.split_rule["rule"] == "given"
+    groups = {s: set(dataset.read_table(s, ["group"]).column("group").to_pylist()) for s in shards.SPLITS}
+    assert groups == {"train": {"fam0"}, "validation": {"fam1"}, "test": {"fam2"}}
+    assert [dataset.class_count(s) for s in shards.SPLITS] == [4, 4, 4]
 
 
 def test_a_table_of_images_under_s3(ray_cluster, s3_env, tmp_path: Path) -> None:
@@ -237,6 +265,15 @@ def test_bad_input_stops_with_its_name_and_changes_nothing(ray_cluster, tmp_path
     assert "left out 1 bad" in out.out
     stored = manifest["counts"]["images"]
     assert stored == (12 if case in ("missing file", "listed twice") else 11)
+    if case == "corrupt":  # replacing that data set with --overwrite: bad input still leaves it as it was
+        images = table.parent / "images"
+        (images / "3.png").write_bytes(image_bytes(3))
+        (images / "7.png").write_bytes(b"broken too")
+        files = lambda: {k: v for k, v in snapshot(dest).items() if (dest / k).is_file()}  # noqa: E731
+        before = files()
+        rc = ingest.main(["--source", str(table), "--dest", str(dest), "--images-root", str(images), "--overwrite"])
+        assert rc == 2 and "7.png" in capsys.readouterr().err
+        assert files() == before  # the old manifest and shards, unchanged; none of this run's
 
 
 def test_every_problem_is_named_up_to_the_limit(ray_cluster, tmp_path: Path) -> None:

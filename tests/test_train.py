@@ -214,6 +214,22 @@ def test_a_colour_data_set_trains_on_two_workers_and_predicts(ray_cluster, tmp_p
     summary = train.run(cfg, "demo", overrides)
     assert summary["data"] == "photos" and summary["test_trials"] > 0
     assert "over the test split's" in summary["protocol"]  # no groups: episodes over the split's classes
+    # no groups: the job scored re-identification too, chose the "new" threshold on validation and
+    # stored it with the registered model (predict --new-threshold auto reads it)
+    from mlflow.tracking import MlflowClient
+
+    from workflows.models import load_any
+
+    client = MlflowClient(overrides["tracking.uri"])
+    metrics = client.get_run(summary["run_id"]).data.metrics
+    for key in ("test_reid_top1", "test_reid_top5", "test_reid_map5", "test_reid_map5_new", "validation_reid_map5_new",
+                "test_reid_pixel_map5", "new_threshold"):
+        assert key in metrics, (key, sorted(metrics))
+    assert summary["reid"] is not None and summary["reid"]["map5"] == pytest.approx(metrics["test_reid_map5"])
+    pictures = {a.path for a in client.list_artifacts(summary["run_id"], "reid")}
+    assert {"reid/validation_map5_by_threshold.png"} <= pictures and len(pictures) >= 2, pictures
+    registered = load_any("models:/rgb-model/1", tracking_uri=overrides["tracking.uri"])
+    assert registered.new_threshold == pytest.approx(metrics["new_threshold"])
     model = ckpt_io.load_model(summary["checkpoint"])
     assert model.conv1.in_channels == 3 and model.config.preprocess.color == "rgb"
     assert model.config.preprocess.fit == "pad" and len(model.config.preprocess.mean) == 3  # the data set's
@@ -254,16 +270,19 @@ def test_impossible_resources_are_refused(small_shards: str, tmp_path: Path, ray
 
 def test_workers_none_fits_the_cluster(small_shards: str, tmp_path: Path, ray_cluster) -> None:
     """A bare ``python -m workflows.train``: one CPU worker per 4 CPU slots (at least one), one per GPU group."""
+    resources = ray_cluster.cluster_resources()
+    expected = max(1, int(resources["CPU"]) // 4)
     overrides = {k: v for k, v in _overrides(small_shards, tmp_path).items()
                  if k not in ("cluster.workers", "training.threads")}
+    overrides["pairs.pairs_per_epoch"] = str(64 * expected)  # a batch for every worker
     cfg = job_config.build("demo", overrides=overrides)
     assert cfg.cluster.workers is None and cfg.training.threads is None
     fitted, fitted_overrides = train.fit_to_cluster(cfg, overrides)
-    slots = int(ray_cluster.cluster_resources()["CPU"])
-    assert fitted.cluster.workers == max(1, slots // 4) and fitted_overrides["cluster.workers"] == fitted.cluster.workers
-    with pytest.raises(ConfigError, match="GPU"):  # GPU workers on a cluster without GPUs: refused, not hung
-        train.fit_to_cluster(job_config.build("demo", overrides={**overrides, "cluster.gpus_per_worker": "1"}),
-                             overrides)
+    assert fitted.cluster.workers == expected and fitted_overrides["cluster.workers"] == expected
+    if not resources.get("GPU"):  # GPU workers on a cluster without GPUs: refused, not hung
+        with pytest.raises(ConfigError, match="GPU"):
+            train.fit_to_cluster(job_config.build("demo", overrides={**overrides, "cluster.gpus_per_worker": "1"}),
+                                 overrides)
 
 
 def test_too_few_pairs_for_one_step_is_refused(tmp_path: Path) -> None:
@@ -285,3 +304,5 @@ def test_rerunning_a_finished_job_name_is_refused(trained) -> None:
     loc = storage.locate(cfg.cluster.storage_path)
     with pytest.raises(ConfigError, match="already finished"):
         tracking.previous_run(loc, cfg.cluster.name, summary["tracking_uri"], "training run")
+    with pytest.raises(ConfigError, match="already finished"):  # the job itself, before it asks Ray for anything
+        train.run(cfg, "demo", {})

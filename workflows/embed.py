@@ -155,12 +155,17 @@ def input_dataset(data: str, splits: list[str], endpoint_url: str | None, kind: 
     except DatasetError:
         dataset = None
     if dataset is not None:
+        if kind != "auto" or groups or table_options:
+            raise EmbedError(f"{data} is a data set written by ingest; --format, --groups and the table flags "
+                             "describe a raw source: leave them out (ingest has read them already)")
         paths = [p for s in splits if dataset.manifest.shards_of(s) for p in dataset.shard_paths(s)]
         if not paths:
             raise EmbedError(f"{data} has no shards in the splits {splits}")
         ds = ray.data.read_parquet(paths, filesystem=dataset.loc.fs, columns=["image_id", "image", "label", "split"])
         return ds, {"uri": dataset.uri, "checksum": dataset.manifest.content_checksum, "splits": splits,
                     "unknown_label": dataset.manifest.unknown_label}
+    if list(splits) != list(SPLITS):
+        raise EmbedError(f"--split picks splits of an ingested data set; {data} is a raw source, embedded whole")
     listing = open_source(data, kind=kind, groups=groups, endpoint_url=endpoint_url, table_options=table_options)
     if listing.problems:
         raise EmbedError(f"{len(listing.problems)} bad row(s) or file(s) in {data}, e.g. {listing.problems[0]}; "

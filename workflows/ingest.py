@@ -26,10 +26,10 @@ by default ingest stops with an error that names each bad file or row (up to
 ``--skip-bad`` leaves them out instead, lists them in the manifest and says how
 many. Nothing is dropped silently.
 
-Splits: a split column or pre-split folders are used as given (a missing
-validation or test split is carved out of the other held-out one, by class);
-otherwise a seeded split by class, or by group where there are enough groups.
-No class is ever in two splits.
+Splits: a split column or pre-split folders are used as given (``--split-as val=test``
+reads one under another name); a missing test split is carved out of a given validation
+split, a missing validation (or test) split out of train, by class; otherwise a seeded
+split by class, or by group where there are enough groups. No class is ever in two splits.
 
 Destination (``--dest``): a local directory or ``s3://bucket/prefix``::
 
@@ -102,9 +102,16 @@ def _split_names(names: list[str], fractions: tuple[float, float, float], seed: 
     shuffled = [names[i] for i in order]
     if only == ("validation", "test"):
         cut = len(shuffled) // 2
+        if cut == 0:
+            raise IngestError(f"the given validation split has {len(names)} class(es), too few to carve a test "
+                              "split from; give a test split (folder or split column), or more classes")
         return {n: ("validation" if i < cut else "test") for i, n in enumerate(shuffled)}
     n_val = _held_out(len(names), fractions[1], explicit) if "validation" in only else 0
     n_test = _held_out(len(names), fractions[2], explicit) if "test" in only else 0
+    empty = [s for s, n in (("validation", n_val), ("test", n_test)) if s in only and n == 0]
+    if empty:
+        raise IngestError(f"the split fractions {','.join(map(str, fractions))} give {' and '.join(empty)} no class "
+                          f"(or group) of {len(names)}: give more classes, or raise its share with --split-fractions")
     if n_val + n_test >= len(names):
         raise IngestError(f"{len(names)} classes (or groups) cannot be split into train, validation and test; "
                           "give more classes, or split them yourself (pre-split folders or a split column)")
@@ -121,9 +128,15 @@ def rename_splits(listing: Listing, split_as: Mapping[str, str]) -> None:
     test means validation is carved from train instead, so selecting epochs and thresholds
     never touches the individuals the test reports on.
     """
-    if split_as:
-        listing.entries = [e if e.split not in split_as else Entry(**{**e.__dict__, "split": split_as[e.split]})
-                           for e in listing.entries]
+    if not split_as:
+        return
+    given = {e.split for e in listing.entries}
+    absent = sorted(s for s in split_as if s not in given)
+    if absent:
+        raise IngestError(f"--split-as names {absent}, which {listing.description.get('uri')} does not give "
+                          f"(its splits: {sorted(s for s in given if s) or 'none'})")
+    listing.entries = [e if e.split not in split_as else Entry(**{**e.__dict__, "split": split_as[e.split]})
+                       for e in listing.entries]
 
 
 def parse_split_as(texts: list[str]) -> dict[str, str]:
@@ -135,6 +148,8 @@ def parse_split_as(texts: list[str]) -> dict[str, str]:
         if not _ or None in names:
             raise IngestError(f"--split-as takes FOLDER=SPLIT with split names among {sorted(set(SPLIT_NAMES))}, "
                               f"got {text!r}")
+        if out.get(names[0], names[1]) != names[1]:
+            raise IngestError(f"--split-as reads {names[0]} as both {out[names[0]]} and {names[1]}; give one")
         out[names[0]] = names[1]
     return out
 
@@ -513,9 +528,18 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
         if structural:
             _restore(loc, None, created_dirs, log)
             raise IngestError(f"{listing.description.get('uri')}: " + "; ".join(structural[:5]))
-    rename_splits(listing, split_as or {})
+    try:
+        rename_splits(listing, split_as or {})
+    except IngestError:
+        _restore(loc, None, created_dirs, log)
+        raise
     explicit = fractions is not None
-    entries, split_rule, split_problems = assign_splits(listing, fractions or DEFAULT_FRACTIONS, split_seed, explicit)
+    try:
+        entries, split_rule, split_problems = assign_splits(listing, fractions or DEFAULT_FRACTIONS, split_seed,
+                                                            explicit)
+    except IngestError:
+        _restore(loc, None, created_dirs, log)
+        raise
     problems = listing.problems + split_problems
     if split_problems and skip_bad:  # a class in two splits cannot be left out row by row
         _restore(loc, None, created_dirs, log)
@@ -540,11 +564,6 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
     new_dirs = [loc.join(s) for s in SPLITS if not loc.is_s3 and not storage.exists(loc.fs, loc.join(s))]
     cli.started_work()
     with ray_session():
-        if state.problem is not None:
-            log(f"[ingest] --overwrite: {state.problem}; removing the old manifest and "
-                f"{len(state.stale_files)} shard file(s)")
-            storage.delete_files(loc.fs, [loc.join(MANIFEST_NAME)])
-            storage.delete_files(loc.fs, list(state.stale_files))
         try:
             summaries = run_shard_tasks(listing.reader, plan, loc, token, table_schema, skip_bad, log)
             problems += [p for s in summaries for p in s["problems"]]
@@ -553,6 +572,11 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
             manifest = build_manifest(listing, plan, summaries, loc, checksum, split_rule, problems, invert)
             if manifest.counts["images"] == 0:
                 raise IngestError(f"no readable image in {listing.description.get('uri')}")
+            if state.problem is not None:  # only now: bad input above leaves the old data set as it was
+                log(f"[ingest] --overwrite: {state.problem}; removing the old manifest and "
+                    f"{len(state.stale_files)} shard file(s)")
+                storage.delete_files(loc.fs, [loc.join(MANIFEST_NAME)])
+                storage.delete_files(loc.fs, list(state.stale_files))
             storage.write_json(loc.fs, loc.join(MANIFEST_NAME), manifest.to_json())
         except BaseException as exc:
             _restore(loc, token, created_dirs + new_dirs, log)

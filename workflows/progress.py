@@ -83,7 +83,8 @@ class EpochProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.shown_epoch: float | None = None
-        self.shown_restore: float | None = None
+        self.started = time.time()
+        self.shown_restore = self.started  # a restore logged before this display began is an earlier process's
         self.last = ""
 
     def line(self, row: dict) -> str:
@@ -107,11 +108,11 @@ class EpochProgress:
             return
         if row["epoch"] == self.shown_epoch:
             return
-        restored = row.get("restored_from_epoch")  # workflows.train.RESTORED_FROM_EPOCH
-        if restored is not None and restored != self.shown_restore:
-            self.shown_restore = restored
-            self.stream.write(("\n" if self.tty and self.last else "")
-                              + f"training: workers restarted from the checkpoint of epoch {int(restored)}\n")
+        restored_at = row.get("restored_at")  # workflows.train.RESTORED_AT, RESTORED_FROM_EPOCH
+        if restored_at is not None and restored_at > self.shown_restore and "restored_from_epoch" in row:
+            self.shown_restore = restored_at
+            self.stream.write(("\n" if self.tty and self.last else "") + "training: workers restarted from the "
+                              f"checkpoint of epoch {int(row['restored_from_epoch'])}\n")
         self.shown_epoch, self.last = row["epoch"], self.line(row)
         self.stream.write(("\r\033[K" + self.last) if self.tty else self.last + "\n")
         self.stream.flush()

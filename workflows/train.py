@@ -167,13 +167,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # The first row after a restore says so: the driver's quiet console (which reads the MLflow
     # run, not the workers' logs) and the run's history then show the restart.
-    restored_from = {"epoch": payload["epoch"]} if payload is not None else {}
+    restored_from = {RESTORED_FROM_EPOCH: payload["epoch"], RESTORED_AT: time.time()} if payload is not None else {}
 
     def report(row: dict[str, Any], loop_state: LoopState) -> None:
         row = {**row, "worker_nodes": worker_nodes,
                CHECKPOINT_RANK: checkpoint_rank(row["val_oneshot_accuracy"], row["epoch"])}
-        if restored_from:
-            row[RESTORED_FROM_EPOCH] = restored_from.pop("epoch")
+        row.update(restored_from)
+        restored_from.clear()
         if rank == 0:
             log.info(f"[rank 0] epoch {row['epoch']:3d} loss {row['train_loss']:.4f} "
                      f"val verif {row['val_verification_accuracy']:.4f} "
@@ -374,8 +374,9 @@ def build_trainer(cfg: JobConfig, loop_config: dict[str, Any], dataset: Any, sto
     )
 
 
-RESTORED_FROM_EPOCH = "restored_from_epoch"
-"""In the first epoch's metrics after the workers restored a checkpoint: that checkpoint's epoch."""
+RESTORED_FROM_EPOCH, RESTORED_AT = "restored_from_epoch", "restored_at"
+"""In the first epoch's metrics after the workers restored a checkpoint: that checkpoint's epoch, and
+when (Unix seconds: tells this restart from an earlier one, even of the same epoch)."""
 
 CHECKPOINT_RANK = "checkpoint_rank"
 """The metric Ray Train keeps checkpoints by (``CheckpointConfig.checkpoint_score_attribute``)."""
@@ -404,9 +405,13 @@ def run(cfg: JobConfig, recipe: str, overrides: dict[str, Any]) -> dict[str, Any
     """The whole job; returns a summary (test accuracy beside the pixel baseline, MLflow run id, best epoch)."""
     from workflows import ray_setup
 
+    from workflows import tracking
+
     checks = preflight(cfg, overrides)
     cfg, overrides, dataset = checks["cfg"], checks["overrides"], checks["dataset"]
     tracking_uri = checks["tracking_uri"]
+    # a finished run's name is refused before Ray starts; an unfinished one is resumed
+    checks["resumed"] = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
     ray_scope = contextlib.ExitStack()  # Ray stops before the test trials, which need none of it
     with ray_scope:
         ray_scope.enter_context(ray_setup.ray_session())
@@ -424,7 +429,7 @@ def _train_and_report(cfg: JobConfig, recipe: str, overrides: dict[str, Any], ch
     from workflows.progress import EpochProgress
 
     run_name = cfg.tracking.run_name or f"train-{dataset.name}-{cfg.model.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    resumed = tracking.previous_run(checks["storage"], cfg.cluster.name, tracking_uri, "training run")
+    resumed = checks["resumed"]
     with tracking.mlflow_run(tracking_uri, cfg.tracking.experiment, run_name, run_id=resumed,
                              tags={"job": "train", "preset": cfg.model.preset, "data": dataset.name}) as mlrun:
         if resumed is None:
