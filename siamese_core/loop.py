@@ -36,7 +36,7 @@ from .images import LabelledImages
 from .mining import Assignment, epoch_pairs, mine_assignment
 from .model import SiameseNet, init_weights, place_model
 from .optim import apply_epoch_schedule, build_optimizer
-from .pairs import name_keys, pairs_per_unit
+from .pairs import name_keys, pairs_per_unit, unit_name
 from .train_step import to_model_input, train_step
 
 Chunk = dict[str, torch.Tensor]
@@ -412,11 +412,6 @@ class MemoryPairs:
                    "left_class": self.class_keys[lr].to(device), "right_class": self.class_keys[rr].to(device),
                    "left_image": self.image_keys[lr].to(device), "right_image": self.image_keys[rr].to(device),
                    "epoch": torch.full((lr.shape[0],), epoch, dtype=torch.int32)}
-
-
-def unit_name(shard: int) -> str:
-    """The pairing unit of a shard's rows where the data has no groups (its seed key)."""
-    return f"shard {shard}"
 
 
 @dataclass

@@ -82,6 +82,11 @@ class PairSet:
         return self.take(np.random.default_rng(seed).permutation(len(self)))
 
 
+def unit_name(shard: int) -> str:
+    """The pairing unit of a shard's rows where the data has no groups (its seed key)."""
+    return f"shard {shard}"
+
+
 def unit_seed(seed: int, unit: str) -> int:
     """A stable 63-bit seed per (run seed, pairing unit: a group, or a shard where there are none).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,3 +359,15 @@ def test_stream_over_real_shards_new_pairs_per_execution_one_block_per_shard(sma
         blocks = list(clocked.iter_batches(batch_size=None, batch_format="numpy"))
         assert {int(e) for b in blocks for e in b["epoch"]} == {1}
         assert [key(b) for b in sorted(blocks, key=key)] == [key(b) for b in sorted(epochs[1], key=key)]
+
+
+def test_the_pair_stage_does_not_import_torch() -> None:
+    """The pair stage runs in Ray Data's worker processes: numpy and Pillow only. Importing torch
+    there would add several hundred MB to every pair-stage process (bench_pipeline.py --memory)."""
+    import subprocess
+    import sys
+
+    code = "import sys, workflows.data; sys.exit(2 if 'torch' in sys.modules else 0)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:] or "workflows.data imported torch"

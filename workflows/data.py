@@ -37,9 +37,8 @@ import numpy as np
 
 from siamese_core.config import ModelConfig, PairConfig
 from siamese_core.images import decode_image
-from siamese_core.loop import unit_name
 from siamese_core.mining import Assignment, epoch_pairs
-from siamese_core.pairs import name_keys, pairs_per_unit
+from siamese_core.pairs import name_keys, pairs_per_unit, unit_name
 
 PAIR_COLUMNS = ("left", "right", "same", "left_class", "right_class", "left_image", "right_image", "epoch")
 
