@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -84,6 +85,31 @@ def configure_console(is_verbose: bool) -> None:
     for handler_owner in (logging.getLogger("ray"), logging.getLogger()):
         handler_owner.addFilter(_Quiet())
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_Quiet())
+
+
+class _RayDataConsole(logging.Filter):
+    """Ray Data's console lines in a quiet run: its warnings and, in a log file, a line per operator
+    and update ("MapBatches(Embedder): 3/8"), not its plans, resources and INFO chatter."""
+
+    PROGRESS = re.compile(r"^(Total Progress|[^\s:][^:]*): \d+/")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (
+            ".progress" in record.name and bool(self.PROGRESS.match(record.getMessage())))
+
+
+def quiet_ray_data() -> None:
+    """Call after ``import ray.data`` in a driver that executes Ray Data itself (``embed``).
+
+    Ray Data configures its own ``ray.data`` logger when imported, with a console handler at
+    INFO: plans, starts and sinks of every execution. Quiet runs keep its progress (bars on a
+    terminal, a periodic summary in a file) and its warnings; the session's ray-data.log keeps all.
+    """
+    if verbose():
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console" or not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_RayDataConsole())
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -161,7 +161,8 @@ def input_dataset(data: str, splits: list[str], endpoint_url: str | None, kind: 
         paths = [p for s in splits if dataset.manifest.shards_of(s) for p in dataset.shard_paths(s)]
         if not paths:
             raise EmbedError(f"{data} has no shards in the splits {splits}")
-        ds = ray.data.read_parquet(paths, filesystem=dataset.loc.fs, columns=["image_id", "image", "label", "split"])
+        ds = ray.data.read_parquet(paths, filesystem=dataset.loc.fs).select_columns(
+            ["image_id", "image", "label", "split"])
         return ds, {"uri": dataset.uri, "checksum": dataset.manifest.content_checksum, "splits": splits,
                     "unknown_label": dataset.manifest.unknown_label}
     if list(splits) != list(SPLITS):
@@ -191,6 +192,7 @@ def embed(model_spec: str, data: str, output: str, *, splits: list[str] | None =
     import ray.data
 
     from siamese_core.checkpoint import model_digest
+    cli.quiet_ray_data()
     from workflows.models import load_any
     from workflows.ray_setup import ray_session
 
