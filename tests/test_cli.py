@@ -113,6 +113,35 @@ def test_verbose_comes_from_the_flag_or_the_environment(monkeypatch) -> None:
     cli.configure_console(False)
 
 
+def test_a_quiet_run_shows_ray_datas_progress_and_warnings_and_its_log_keeps_everything(monkeypatch) -> None:
+    import logging
+
+    import ray.data  # noqa: F401  (Ray Data sets up its logger's console and session-log handlers)
+
+    monkeypatch.delenv(cli.VERBOSE_ENV, raising=False)
+    handlers = logging.getLogger("ray.data").handlers
+    before = {h: list(h.filters) for h in handlers}
+    try:
+        cli.quiet_ray_data()
+        console = [h for h in handlers if h.name == "console"]
+        session_log = [h for h in handlers if h.name == "file"]
+        assert console and session_log, [(h.name, type(h).__name__) for h in handlers]
+
+        def record(name: str, level: int, message: str) -> logging.LogRecord:
+            return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+        info = record("ray.data._internal.execution.streaming_executor", logging.INFO, "Starting execution of Dataset")
+        warning = record("ray.data.dataset", logging.WARNING, "a warning")
+        progress = record("ray.data._internal.progress.logging_progress", logging.INFO, "MapBatches(Embedder): 3/8")
+        for h in console:
+            assert not h.filter(info) and h.filter(warning) and h.filter(progress)
+        for h in session_log:
+            assert h.filter(info) and h.filter(warning) and h.filter(progress)
+    finally:
+        for h, filters in before.items():
+            h.filters[:] = filters
+
+
 # --- help ---------------------------------------------------------------------------
 
 

@@ -108,7 +108,8 @@ def quiet_ray_data() -> None:
     if verbose():
         return
     for handler in logging.getLogger("ray.data").handlers:
-        if handler.name == "console" or not isinstance(handler, logging.FileHandler):
+        # Streams only: Ray Data's session log handler is no FileHandler, and it keeps everything.
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(_RayDataConsole())
 
 

@@ -192,9 +192,10 @@ def embed(model_spec: str, data: str, output: str, *, splits: list[str] | None =
     import ray.data
 
     from siamese_core.checkpoint import model_digest
-    cli.quiet_ray_data()
     from workflows.models import load_any
     from workflows.ray_setup import ray_session
+
+    cli.quiet_ray_data()
 
     splits = splits or list(SPLITS)
     loc = storage.locate(output, endpoint_url)
