@@ -169,6 +169,24 @@ def process_cache(max_bytes: int) -> ShardCache:
     return _PROCESS_CACHE
 
 
+def cached_shard(cache: ShardCache, dataset: Any, path: str, index: int, pair_cfg: PairConfig, model: ModelConfig,
+                 unknown_label: str | None) -> DecodedShard:
+    """A training shard from this process's ``cache``, read and kept there on a miss.
+
+    The pair stage and the Train worker's mining embeddings both take their shards here, so a
+    shard is read and decoded once per process whichever asks first.
+    """
+    key = (dataset.manifest.content_checksum, path, model.input_size, model.preprocess, pair_cfg.sources)
+    shard = cache.get(key)  # a hit also marks it most recently used
+    if shard is None:
+        columns = [c for c in ("image", "image_id", "label", "group", "source") if c in dataset.columns()]
+        table = dataset.read_shard(path, columns)
+        rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
+        shard = DecodedShard.from_rows(rows, pair_cfg, model, index, unknown_label)
+        cache.put(key, shard)
+    return shard
+
+
 class EpochClock:
     """The epoch the Train workers are on, and the mined assignment in force, for the pair stage's tasks.
 
@@ -295,19 +313,10 @@ class ShardPairs:
         epoch, assignment = self.stage.current()
         outputs = []
         for path, index in zip(batch["path"], batch["index"]):
-            key = (self.dataset.manifest.content_checksum, str(path), self.stage.model.input_size,
-                   self.stage.model.preprocess, self.stage.pair_cfg.sources)
-            shard = cache.get(key)  # a hit also marks it most recently used
-            if shard is None:
-                shard = self.stage.decoded_shard(self.read(str(path)), int(index))
-                cache.put(key, shard)
+            shard = cached_shard(cache, self.dataset, str(path), int(index), self.stage.pair_cfg, self.stage.model,
+                                 self.stage.unknown_label)
             outputs.append(self.stage.pairs_for_shard(shard, epoch, assignment))
         return {key: np.concatenate([o[key] for o in outputs]) for key in PAIR_COLUMNS}
-
-    def read(self, path: str) -> dict[str, np.ndarray]:
-        columns = [c for c in ("image", "image_id", "label", "group", "source") if c in self.dataset.columns()]
-        table = self.dataset.read_shard(path, columns)
-        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
 
 
 def training_pairs(dataset: Any, pair_cfg: PairConfig, model: ModelConfig, seed: int, clock: Any = None,

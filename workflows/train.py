@@ -80,23 +80,15 @@ def mining_share(dataset: Any, cfg: JobConfig, net: Any, rank: int, world: int) 
     import torch
 
     from siamese_core.loop import embed_for_mining
-    from workflows.data import DecodedShard, process_cache
+    from workflows.data import cached_shard, process_cache
 
     parts = []
     cache = process_cache(int(cfg.data.decoded_cache_mb * 2**20))
-    columns = [c for c in ("image", "image_id", "label", "group", "source") if c in dataset.columns()]
     for index, path in enumerate(dataset.shard_paths("train")):
         if index % world != rank:
             continue
-        key = ("mining", dataset.manifest.content_checksum, str(path), net.config.input_size, net.config.preprocess,
-               cfg.pairs.sources)
-        shard = cache.get(key)
-        if shard is None:
-            table = dataset.read_shard(path, columns)
-            shard = DecodedShard.from_rows({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns},
-                                           cfg.pairs, net.config, index, dataset.manifest.unknown_label)
+        shard = cached_shard(cache, dataset, str(path), index, cfg.pairs, net.config, dataset.manifest.unknown_label)
         shard.ensure_decoded(np.arange(len(shard.label)), net.config)
-        cache.put(key, shard)  # after decoding: the cache counts its decoded size
         parts.append((embed_for_mining(net, torch.from_numpy(shard.images)), shard.image_key, shard.class_key,
                       shard.unit.astype(object)))
     if not parts:
