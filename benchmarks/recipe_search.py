@@ -57,18 +57,22 @@ def wide_validation(evaluation: EvaluationConfig, has_groups: bool) -> Evaluatio
 
 def load(data: str | None, source: Path | None, split: str, recipe: TrainingRecipe,
          cache_dir: Path | None) -> tuple[LabelledImages, TrainingRecipe]:
-    """A split decoded as the recipe's model sees it, and the recipe with the data set's preprocessing filled in."""
+    """A split decoded as the recipe's model sees it, and the recipe with the data set's defaults filled in
+    (its preprocessing and ``pairs.new_classes``, where the recipe leaves them open)."""
     if data is not None:
         from workflows.shards import DataSet  # the data set reader (pyarrow); no Ray is started
 
         dataset = DataSet.open(data)
         preprocess = recipe.model.preprocess.resolved(dataset.manifest.preprocessing)
-        key = dataset.manifest.content_checksum
+        key, new_classes = dataset.manifest.content_checksum, dataset.manifest.new_classes
     else:
         from siamese_core import omniglot
 
         dataset, preprocess, key = None, recipe.model.preprocess.resolved(), f"omniglot:{source}"
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, preprocess=preprocess))
+        new_classes = omniglot.OMNIGLOT_NEW_CLASSES
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, preprocess=preprocess),
+                                 pairs=dataclasses.replace(recipe.pairs,
+                                                           new_classes=recipe.pairs.new_classes or new_classes))
     size = recipe.model.input_size
     tag = hashlib.sha256(f"{key}|{split}|{size}|{preprocess}".encode()).hexdigest()[:16]
     path = cache_dir / f"{split}_{size}_{tag}.npz" if cache_dir is not None else None

@@ -204,7 +204,8 @@ class TrainingLoop:
             for left, right, same, mask, *keys in iter_steps(columns, cfg.training.batch_size, generator):
                 loss_sum += train_step(self.model, self.optimizer, left, right, same, mask, distort, generator,
                                        autocast_dtype=self.autocast_dtype,
-                                       in_batch_negatives=cfg.training.in_batch_negatives, keys=tuple(keys))
+                                       in_batch_negatives=cfg.training.in_batch_negatives, keys=tuple(keys),
+                                       new_classes=cfg.pairs.classes_per_class)
                 steps += 1
                 pairs += left.shape[0]
         return {"loss": float(loss_sum) / max(1, steps), "steps": steps, "pairs": pairs, "pairs_epoch": pairs_epoch}

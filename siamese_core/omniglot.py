@@ -35,6 +35,12 @@ EXPECTED_COUNTS: dict[str, dict[str, int]] = {
 
 IMAGE_SIZE = 105
 
+OMNIGLOT_NEW_CLASSES = "rot90"
+"""A character turned is another character, so each training character is trained in 4
+orientations (``siamese_core.config.PairConfig.new_classes``; the data set's word, in its
+manifest): chosen on validation over the characters as they are and over 8 orientations with
+mirrors (benchmarks/RESULTS.md, "New classes from turns")."""
+
 _NAME = re.compile(
     r"^(?P<archive>images_background|images_evaluation)/(?P<alphabet>[^/]+)/"
     r"(?P<character_name>character\d+)/(?P<character>\d{4})_(?P<drawer>\d{2})\.png$"

@@ -68,11 +68,47 @@ def in_batch_negative_pairings(keys: PairKeys) -> tuple[torch.Tensor, torch.Tens
     return i, j, keep
 
 
+_KEY_STEP = 0x9E3779B97F4A7C15 - (1 << 64)
+"""An odd int64 step between the keys of a class's new classes (wraps around; equal keys stay equal)."""
+
+
+def _dihedral(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """``x`` turned by ``kind % 4`` quarter turns, mirrored first when ``kind >= 4``."""
+    if kind >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, kind % 4, dims=(-2, -1)) if kind % 4 else x
+
+
+def new_class_views(left: torch.Tensor, right: torch.Tensor, kinds: int, generator: torch.Generator | None,
+                    keys: PairKeys | None = None) -> tuple[torch.Tensor, torch.Tensor, PairKeys | None]:
+    """Each pair turned (and mirrored, for ``kinds`` 8) as one of ``kinds`` new classes, both images alike.
+
+    A pair's label holds under the turn: two images of one class stay one (new) class, two
+    classes stay two. The keys follow, so a class turned two ways counts as two classes among
+    the in-batch negatives. ``kinds`` 1 returns everything unchanged. Images must be square.
+    """
+    if kinds <= 1:
+        return left, right, keys
+    b = left.shape[0]
+    device = left.device
+    kind = torch.randint(0, kinds, (b,), generator=generator, device=generator.device if generator else device)
+    kind = kind.to(device)
+    out_left, out_right = left, right
+    for k in range(1, kinds):
+        rows = (kind == k).view(-1, 1, 1, 1)
+        out_left = torch.where(rows, _dihedral(left, k), out_left)
+        out_right = torch.where(rows, _dihedral(right, k), out_right)
+    if keys is not None:
+        shift = kind.to(keys[0].device) * _KEY_STEP
+        keys = tuple(k + shift for k in keys)  # type: ignore[assignment]
+    return out_left, out_right, keys
+
+
 def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.Tensor,
                right: torch.Tensor, same: torch.Tensor, distort_mask: torch.Tensor | None = None,
                distort_cfg: DistortionConfig | None = None, generator: torch.Generator | None = None,
                autocast_dtype: torch.dtype | None = None, in_batch_negatives: float = 0.0,
-               keys: PairKeys | None = None) -> torch.Tensor:
+               keys: PairKeys | None = None, new_classes: int = 1) -> torch.Tensor:
     """One SGD step on a batch of pairs; returns the mean BCE loss of the pairs (before the step).
 
     The loss comes back as a detached tensor on the model's device, not a float: reading it
@@ -84,7 +120,8 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     autocast; the loss is always computed in float32. ``in_batch_negatives > 0``
     adds that weight times the mean BCE of the batch's other pairings
     (:func:`in_batch_negative_pairings`, which needs the pairs' ``keys``) labelled
-    "different"; 0 is the paper's loss.
+    "different"; 0 is the paper's loss. ``new_classes`` > 1 trains each pair as one of that
+    many turned or mirrored classes (:func:`new_class_views`; 1: as it is).
     """
     if in_batch_negatives < 0:
         raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
@@ -94,6 +131,7 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     model.train()
     left, right = to_model_input(left, device), to_model_input(right, device)
     target = same.to(device, non_blocking=True).float().view(-1)
+    left, right, keys = new_class_views(left, right, new_classes, generator, keys)
     pairings = keep = None
     if in_batch_negatives > 0:
         assert keys is not None

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from siamese_core.omniglot import OMNIGLOT_NEW_CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +71,7 @@ def test_recipe_search_trains_and_scores_on_ingested_shards(small_shards: str, t
     assert row["wide_trials"] == 2 * 8 * 20  # 2 validation alphabets x 8 runs x 20 queries
     assert 0.0 <= row["val_pixel_nn_wide"] <= 1.0 and 0.0 <= row["test_pixel_nn"] <= 1.0
     assert row["recipe"]["model"]["preprocess"]["invert"] is True  # the data set's preprocessing, resolved
+    assert row["recipe"]["pairs"]["new_classes"] == OMNIGLOT_NEW_CLASSES  # ... and its new classes
 
 
 def test_layout_comparison_prints_both_rates_and_their_ratio() -> None:

@@ -27,6 +27,7 @@ from s3_server import closed_port
 from workflows import download, ingest, shards
 from workflows.ingest import IngestError
 from workflows.shards import DatasetError
+from siamese_core.omniglot import OMNIGLOT_NEW_CLASSES
 
 pytestmark = pytest.mark.integration
 
@@ -118,6 +119,7 @@ def test_full_ingest_local_exact_counts(full_local, omniglot_dir: Path) -> None:
     assert manifest.preprocessing == {"color": "gray", "fit": "stretch", "invert": True, "mean": [], "std": []}
     assert manifest.image_sizes["min"] == manifest.image_sizes["max"] == [105, 105]
     assert manifest.split_rule == {"rule": "given"} and manifest.rejected == []
+    assert manifest.new_classes == OMNIGLOT_NEW_CLASSES != "unchanged"
     assert manifest.splits["train"]["source_names"] == [f"{d:02d}" for d in range(1, 21)]
     # The manifest is the last file written and lists exactly the shards on disk.
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.parquet"))
@@ -329,6 +331,28 @@ def test_subset_ingest_overwrite_and_verify(ray_cluster, omniglot_dir: Path, sub
                                     pa.array(images, pa.binary())), dest / shard.path)
     with pytest.raises(DatasetError, match="content checksum"):
         shards.DataSet.open(str(dest)).verify()
+
+
+def test_a_manifest_from_before_new_classes_is_completed_by_a_rerun(ray_cluster, subset_a: Path,
+                                                                    tmp_path: Path) -> None:
+    """An Omniglot data set ingested before manifests said ``new_classes`` reads as "unchanged";
+    running ingest again records the adapter's word, and only that: no shard is rewritten."""
+    dest = tmp_path / "out"
+    ingest.ingest(str(subset_a), str(dest), allow_subset=True, log=quiet)
+    data = json.loads((dest / "manifest.json").read_text())
+    del data["new_classes"]
+    (dest / "manifest.json").write_text(json.dumps(data))
+    assert shards.DataSet.open(str(dest)).manifest.new_classes == "unchanged"
+    before = snapshot(dest)
+    messages: list[str] = []
+    again = ingest.ingest(str(subset_a), str(dest), allow_subset=True, log=messages.append)
+    assert again.skipped and again.manifest.new_classes == OMNIGLOT_NEW_CLASSES != "unchanged"
+    assert any(f"recorded its new_classes={OMNIGLOT_NEW_CLASSES}" in m for m in messages)
+    assert shards.DataSet.open(str(dest)).manifest.new_classes == OMNIGLOT_NEW_CLASSES
+    after = snapshot(dest)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert ingest.ingest(str(subset_a), str(dest), allow_subset=True, log=quiet).skipped  # now nothing to do
 
 
 def test_failed_write_leaves_no_manifest_and_removes_own_shards(ray_cluster, subset_a: Path, tmp_path: Path,

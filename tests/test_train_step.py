@@ -240,3 +240,51 @@ def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> 
         train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=-1.0)
     with pytest.raises(ValueError, match="keys"):
         train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=1.0)
+
+
+def _which_turn(image: torch.Tensor, original: torch.Tensor) -> int:
+    """Which of the 8 turns and mirrors of ``original`` ``image`` is (-1: none)."""
+    from siamese_core.train_step import _dihedral
+    return next((k for k in range(8) if torch.equal(_dihedral(original, k), image)), -1)
+
+
+@pytest.mark.parametrize("name,kinds", [("rot90", 4), ("dihedral", 8)])
+def test_new_class_views_turn_both_images_of_a_pair_alike_and_key_each_turn_as_a_class(name, kinds) -> None:
+    from siamese_core.config import NEW_CLASSES
+    from siamese_core.train_step import new_class_views
+    assert NEW_CLASSES[name] == kinds
+    g = torch.Generator().manual_seed(0)
+    b = 400
+    base = torch.rand(1, 1, 9, 9, generator=g)  # no symmetry: each turn is a different image
+    left, right = base.expand(b, 1, 9, 9).clone(), (base * 0.5).expand(b, 1, 9, 9).clone()
+    keys = _keys([7] * b, [8] * b, range(b), range(b, 2 * b))
+    out_left, out_right, out_keys = new_class_views(left, right, kinds, torch.Generator().manual_seed(1), keys)
+    turns = [_which_turn(out_left[i], base[0]) for i in range(b)]
+    assert all(_which_turn(out_right[i], base[0] * 0.5) == turns[i] for i in range(b))  # both images alike
+    assert set(turns) == set(range(kinds))  # every new class is drawn
+    left_class = out_keys[0].tolist()
+    for i in range(b):  # one class per (class, turn): equal keys exactly where the turns are equal
+        for j in (0, 1, b - 1):
+            assert (left_class[i] == left_class[j]) == (turns[i] == turns[j])
+    assert all(c != 8 for c in out_keys[1].tolist() if c == 7)  # classes stay apart
+    assert torch.equal(out_left[turns.index(0)], base[0])  # turn 0 is the image itself
+    again = new_class_views(left, right, kinds, torch.Generator().manual_seed(1), keys)
+    assert torch.equal(again[0], out_left) and torch.equal(again[1], out_right)  # the seed fixes the turns
+
+
+def test_no_new_classes_leaves_the_step_as_it_was() -> None:
+    from siamese_core.config import ConfigError, PairConfig
+    from siamese_core.train_step import new_class_views
+    left, right, same = separable_pairs(8, TINY.input_size, seed=3)
+    keys = _distinct_keys(8)
+    assert new_class_views(left, right, 1, torch.Generator().manual_seed(0), keys) == (left, right, keys)
+    after = {}
+    for kinds in (1, 4):
+        model = build_model(TINY, seed=0)
+        opt = build_optimizer(model, OptimizerConfig(lr=0.05))
+        train_step(model, opt, left, right, same, generator=torch.Generator().manual_seed(0),
+                   in_batch_negatives=1.0, keys=keys, new_classes=kinds)
+        after[kinds] = model.head.weight.detach().clone()
+    assert not torch.equal(after[1], after[4])
+    with pytest.raises(ConfigError, match="pairs.new_classes"):
+        PairConfig(new_classes="rot45")

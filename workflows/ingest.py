@@ -44,6 +44,7 @@ Re-running on the same input finds the manifest and does nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
@@ -57,6 +58,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from siamese_core.config import NEW_CLASSES
 from workflows import cli, download, storage
 from workflows.shards import (MANIFEST_NAME, SPLITS, DataSet, DatasetError, Manifest, content_checksum_of,
                               read_manifest_at, schema)
@@ -476,7 +478,7 @@ def build_manifest(listing: Listing, plan: list[tuple[str, list[Entry]]], summar
                      "max": [int(np.max(widths)), int(np.max(heights))],
                      "median": [int(np.median(widths)), int(np.median(heights))]},
         split_rule=split_rule, rejected=[{"item": p.item, "reason": p.reason} for p in rejected],
-        unknown_label=unknown,
+        unknown_label=unknown, new_classes=listing.new_classes,
     )
 
 
@@ -502,7 +504,8 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
            checksums: Mapping[str, str] | None = None, kind: str = "auto", groups: bool = False,
            table_options: Mapping[str, Any] | None = None, fractions: tuple[float, float, float] | None = None,
            split_seed: int = 0, shard_mb: float = 64.0, invert: bool | None = None, max_problems: int = 20,
-           split_as: Mapping[str, str] | None = None, log: Callable[[str], None] = print) -> IngestResult:
+           split_as: Mapping[str, str] | None = None, new_classes: str | None = None,
+           log: Callable[[str], None] = print) -> IngestResult:
     """Library entry point of the CLI; raises IngestError / StorageError / DatasetError on failure."""
     from workflows.ray_setup import ray_session
 
@@ -544,15 +547,24 @@ def ingest(source: str, dest: str = DEFAULT_DEST, *, endpoint_url: str | None = 
     if split_problems and skip_bad:  # a class in two splits cannot be left out row by row
         _restore(loc, None, created_dirs, log)
         raise _problem_error(split_problems, str(listing.description.get("uri")), max_problems)
+    if new_classes is not None:
+        listing.new_classes = new_classes
     options = {"kind": listing.kind, "groups": groups, "skip_bad": skip_bad, "shard_mb": shard_mb,
                "invert": invert, "split": split_rule, "unknown_label": listing.unknown_label,
-               **({"split_as": dict(split_as)} if split_as else {})}
+               **({"split_as": dict(split_as)} if split_as else {}),
+               **({"new_classes": new_classes} if new_classes is not None else {})}
     checksum = listing_checksum(entries, options)
     if problems and not skip_bad:
         _restore(loc, None, created_dirs, log)
         raise _problem_error(problems, str(listing.description.get("uri")), max_problems)
     state = inspect_destination(loc, checksum)
     if state.current is not None:
+        if state.current.new_classes != listing.new_classes:  # a manifest from before the source said it
+            manifest = dataclasses.replace(state.current, new_classes=listing.new_classes)
+            storage.write_json(loc.fs, loc.join(MANIFEST_NAME), manifest.to_json())
+            log(f"[ingest] {loc.uri_of(MANIFEST_NAME)} already describes this input; recorded its "
+                f"new_classes={listing.new_classes}")
+            return IngestResult(manifest, skipped=True)
         log(f"[ingest] {loc.uri_of(MANIFEST_NAME)} already describes this input; nothing to do")
         return IngestResult(state.current, skipped=True)
     if state.problem is not None and not overwrite:
@@ -626,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--invert", action=argparse.BooleanOptionalAction, default=None,
                         help="record that dark strokes on a light background are the content (signatures, "
                              "handwriting), so models invert the pixels (default: no, as for photographs)")
+    parser.add_argument("--new-classes", choices=sorted(NEW_CLASSES), default=None,
+                        help="record that a turned (rot90) or also mirrored (dihedral) image is another class, as "
+                             "for characters and symbols, so training makes more classes from each "
+                             "(pairs.new_classes; default: Omniglot's rot90, else unchanged)")
     parser.add_argument("--shard-mb", type=float, default=64.0,
                         help="shard size for classes without groups, in MB of image files (default: %(default)s)")
     parser.add_argument("--endpoint-url", default=None,
@@ -661,7 +677,8 @@ def _main(argv: list[str] | None) -> int:
            skip_bad=args.skip_bad, allow_subset=args.allow_subset, cache_dir=args.cache_dir,
            checksums=checksums, kind=args.kind, groups=args.groups, table_options=table_options,
            fractions=args.split_fractions, split_seed=args.split_seed, shard_mb=args.shard_mb,
-           invert=args.invert, max_problems=args.max_problems, split_as=parse_split_as(args.split_as))
+           invert=args.invert, max_problems=args.max_problems, split_as=parse_split_as(args.split_as),
+           new_classes=args.new_classes)
     return 0
 
 

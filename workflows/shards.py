@@ -96,6 +96,7 @@ class Manifest:
     split_rule: dict = field(default_factory=dict)
     rejected: list = field(default_factory=list)  # [{"item": ..., "reason": ...}] left out with --skip-bad
     unknown_label: str | None = None
+    new_classes: str = "unchanged"  # the default of siamese_core.config.PairConfig.new_classes for this data
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     uri: str = field(default="", compare=False)  # where it was read from (not stored)
@@ -140,7 +141,7 @@ class Manifest:
         missing = [k for k in required if k not in data]
         if missing:
             raise DatasetError(f"{where}: missing keys {missing}")
-        optional = ("image_sizes", "split_rule", "rejected", "unknown_label")
+        optional = ("image_sizes", "split_rule", "rejected", "unknown_label", "new_classes")
         try:
             manifest = Manifest(**{k: data[k] for k in required}, **{k: data[k] for k in optional if k in data},
                                 uri=uri)

@@ -41,6 +41,7 @@ SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation"
 _RESERVED = set('/\\<>:"|?*')
 
 
+
 class SourceError(RuntimeError):
     """The source cannot be listed at all (missing folder, unreadable table); the message says what to fix."""
 
@@ -124,6 +125,7 @@ class Listing:
     extra_fields: list[pa.Field] = field(default_factory=list)
     preprocessing: dict = field(default_factory=dict)
     unknown_label: str | None = None
+    new_classes: str = "unchanged"  # the manifest's: what a turn or a mirror makes of a class
     ignored: dict[str, int] = field(default_factory=dict)  # reason -> count (hidden files, stray files)
     one_shard_per_group: bool = False
 
@@ -418,7 +420,7 @@ def list_omniglot(path: Path) -> Listing:
                    extra_fields=[pa.field("character_id", pa.int32()), pa.field("archive", pa.string())],
                    preprocessing={"color": PAPER_PREPROCESS.color, "fit": PAPER_PREPROCESS.fit,
                                   "invert": PAPER_PREPROCESS.invert, "mean": [], "std": []},
-                   one_shard_per_group=True)
+                   new_classes=omniglot.OMNIGLOT_NEW_CLASSES, one_shard_per_group=True)
 
 
 def _omniglot_entry(raw: omniglot.RawImage, where: str, size: int, version: str) -> Entry:
