@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     recipe = apply_overrides(RECIPES[args.recipe], dict(item.split("=", 1) for item in args.set))
-    if recipe.pairs.new_classes is None:  # the data's word, as training takes it from the manifest
-        recipe = apply_overrides(recipe, {"pairs.new_classes": omniglot.OMNIGLOT_NEW_CLASSES})
+    # the data's word where the recipe leaves it open, as training takes it from the manifest
+    recipe = dataclasses.replace(recipe, pairs=recipe.pairs.resolved(omniglot.OMNIGLOT_NEW_CLASSES))
     if args.dry_run:
         recipe = apply_overrides(recipe, {"model.input_size": 35, "model.channels": "8,16,16,32",
                                           "model.kernels": "3,3,2,2", "model.embedding_dim": 64,

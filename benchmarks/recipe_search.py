@@ -71,8 +71,7 @@ def load(data: str | None, source: Path | None, split: str, recipe: TrainingReci
         dataset, preprocess, key = None, recipe.model.preprocess.resolved(), f"omniglot:{source}"
         new_classes = omniglot.OMNIGLOT_NEW_CLASSES
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, preprocess=preprocess),
-                                 pairs=dataclasses.replace(recipe.pairs,
-                                                           new_classes=recipe.pairs.new_classes or new_classes))
+                                 pairs=recipe.pairs.resolved(new_classes))
     size = recipe.model.input_size
     tag = hashlib.sha256(f"{key}|{split}|{size}|{preprocess}".encode()).hexdigest()[:16]
     path = cache_dir / f"{split}_{size}_{tag}.npz" if cache_dir is not None else None

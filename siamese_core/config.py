@@ -338,6 +338,10 @@ class PairConfig:
         _require(len(self.sources) != 1, "pairs.sources needs at least 2 sources to form 'same' pairs across "
                                          "them (or none: every source)")
 
+    def resolved(self, data_new_classes: str) -> "PairConfig":
+        """``new_classes`` filled in from the data set's word where it is left open."""
+        return dataclasses.replace(self, new_classes=self.new_classes or data_new_classes)
+
     @property
     def classes_per_class(self) -> int:
         """How many training classes each of the data's classes becomes (1 when none are made)."""
@@ -625,8 +629,8 @@ that time; batch 32, for 4x the steps of batch 128 on the same pairs; fresh undi
 from every source instead of distorted copies, with lr x3 on fc and head; momentum 0.75,
 because every rate tried turned unstable with momentum ramping to 0.9; lr decay 0.96, slow
 enough that the net still learns at the end of the budget from the data set's new classes
-(``pairs.new_classes``: Omniglot's characters turned); in-batch negatives, for more training signal per image embedded; test-time views, which the
-small net needs at 35 px; selection on one view, since it only ranks epochs; patience 40,
+(``pairs.new_classes``: Omniglot's characters turned); in-batch negatives, for more training
+signal per image embedded; test-time views, which the small net needs at 35 px; selection on one view, since it only ranks epochs; patience 40,
 because an epoch here is 10,000 pairs against the paper's 270,000 rows.
 """
 

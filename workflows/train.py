@@ -250,8 +250,9 @@ def fit_to_data(cfg: JobConfig, overrides: dict[str, Any], dataset: Any) -> tupl
 
     What the config leaves open (``model.preprocess.*`` and ``pairs.new_classes`` None) comes
     from the manifest, and goes into the overrides as explicit values, so every worker, the
-    checkpoint and the registered model carry the same resolved values. Refuses, before Ray starts, sources the data
-    has not got and one-shot episodes larger than its validation or test groups allow.
+    checkpoint and the registered model carry the same resolved values. Refuses, before Ray
+    starts, sources the data has not got and one-shot episodes larger than its validation or
+    test groups allow.
     """
     from siamese_core.oneshot import max_n_way
 
@@ -259,8 +260,7 @@ def fit_to_data(cfg: JobConfig, overrides: dict[str, Any], dataset: Any) -> tupl
     resolved = cfg.model.preprocess.resolved(manifest.preprocessing)
     extra = {f"model.preprocess.{k}": (v if not isinstance(v, tuple) else (",".join(map(str, v)) or "[]"))
              for k, v in dataclasses.asdict(resolved).items()}
-    if cfg.pairs.new_classes is None:
-        extra["pairs.new_classes"] = manifest.new_classes
+    extra["pairs.new_classes"] = cfg.pairs.resolved(manifest.new_classes).new_classes
     overrides = {**overrides, **extra}
     try:
         cfg = apply_overrides(cfg, extra)
