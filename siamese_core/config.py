@@ -255,6 +255,11 @@ class OptimizerConfig:
     algorithm: str = "sgd"
     """"sgd" (the paper's, with the momentum ramp) or "adam" (per-layer rates, L2 and decay
     kept; the momentum settings do not apply)."""
+    ema_decay: float | None = None
+    """Validate, select and ship an exponential moving average of the weights, updated after
+    every step with this decay, warmed up over the first steps (it averages over about
+    ``1 / (1 - ema_decay)`` steps once the run is long; :class:`siamese_core.optim.WeightAverage`);
+    None uses the weights as trained. The average settles what a short run's rate leaves noisy."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_multipliers", _per_layer("lr_multipliers", self.lr_multipliers))
@@ -272,6 +277,8 @@ class OptimizerConfig:
         _require(self.momentum_ramp_epochs >= 1, "optim.momentum_ramp_epochs must be >= 1")
         _require(0.0 < self.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {self.lr_decay}")
         _require(self.algorithm in OPTIMIZERS, f"optim.algorithm must be one of {OPTIMIZERS}, got {self.algorithm!r}")
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+                 f"optim.ema_decay must be in (0, 1) or none, got {self.ema_decay}")
 
     def layer_lr(self, layer: str) -> float:
         return self.lr * self.lr_multipliers.get(layer, 1.0)
@@ -614,8 +621,8 @@ class TrainingRecipe:
 
 DEMO_DEFAULTS = TrainingRecipe(
     model=dataclasses.replace(MODEL_PRESETS["cpu-medium"], test_time_shift_px=3),
-    optim=OptimizerConfig(lr=0.06, lr_multipliers={"fc": 3.0, "head": 3.0}, momentum=0.75,
-                          momentum_ramp_epochs=5, weight_decay=2e-4, lr_decay=0.96),
+    optim=OptimizerConfig(lr=0.08, lr_multipliers={"fc": 3.0, "head": 3.0}, momentum=0.75,
+                          momentum_ramp_epochs=5, weight_decay=2e-4, lr_decay=0.96, ema_decay=0.9995),
     distort=DistortionConfig(),
     pairs=PairConfig(pairs_per_epoch=10_000, distorted_copies=0),
     training=TrainingConfig(epochs=200, patience=40, batch_size=32, seed=0, time_budget_s=480.0,
@@ -623,15 +630,17 @@ DEMO_DEFAULTS = TrainingRecipe(
 )
 """The CPU demo's recipe: what trains best in 480 s on 2 cores, chosen on validation only.
 
-Why each value (the measurements are in benchmarks/RESULTS.md, "Choosing the CPU demo recipe"):
-a small net (cpu-medium) at 35 px, because the paper's net gets a few hundred SGD steps in
-that time; batch 32, for 4x the steps of batch 128 on the same pairs; fresh undistorted pairs
-from every source instead of distorted copies, with lr x3 on fc and head; momentum 0.75,
-because every rate tried turned unstable with momentum ramping to 0.9; lr decay 0.96, slow
-enough that the net still learns at the end of the budget from the data set's new classes
-(``pairs.new_classes``: Omniglot's characters turned); in-batch negatives, for more training
-signal per image embedded; test-time views, which the small net needs at 35 px; selection on one view, since it only ranks epochs; patience 40,
-because an epoch here is 10,000 pairs against the paper's 270,000 rows.
+Why each value (the measurements are in benchmarks/RESULTS.md, "Choosing the CPU demo recipe"
+and the sections after it): a small net (cpu-medium) at 35 px, because the paper's net gets a
+few hundred SGD steps in that time; batch 32, for 4x the steps of batch 128 on the same pairs;
+fresh undistorted pairs from every source instead of distorted copies, with lr x3 on fc and
+head; momentum 0.75, because every rate tried turned unstable with momentum ramping to 0.9;
+lr 0.08 and decay 0.96, slow enough that the net still learns at the end of the budget from
+the data set's new classes (``pairs.new_classes``: Omniglot's characters turned); a moving
+average of the weights over about 2,000 steps (6 epochs), which settles what that rate leaves
+noisy; in-batch negatives, for more training signal per image embedded; test-time views,
+which the small net needs at 35 px; selection on one view, since it only ranks epochs;
+patience 40, because an epoch here is 10,000 pairs against the paper's 270,000 rows.
 """
 
 PAPER_RECIPE = TrainingRecipe(model=MODEL_PRESETS["koch"],

@@ -35,7 +35,7 @@ from .evaluation import Validator
 from .images import LabelledImages
 from .mining import Assignment, epoch_pairs, mine_assignment
 from .model import SiameseNet, init_weights, place_model
-from .optim import apply_epoch_schedule, build_optimizer
+from .optim import apply_epoch_schedule, build_optimizer, weight_average
 from .pairs import name_keys, pairs_per_unit, unit_name
 from .train_step import to_model_input, train_step
 
@@ -182,11 +182,39 @@ class TrainingLoop:
         self.validator, self.rank, self.world = validator, rank, world
         self.autocast_dtype = autocast_dtype
         self.mean_across_ranks, self.from_rank0, self.clock = mean_across_ranks, from_rank0, clock
+        # Every rank keeps the average (the same weights on each), so any rank can resume it.
+        self.average = weight_average(self.net, recipe.optim)
 
     @property
     def net(self) -> SiameseNet:
+        """The network being trained."""
         model = getattr(self.model, "_orig_mod", self.model)  # the network inside torch.compile's wrapper
         return getattr(model, "module", model)  # ... and inside DistributedDataParallel
+
+    @property
+    def eval_net(self) -> SiameseNet:
+        """The network validated, selected and shipped: the weights' moving average when
+        ``optim.ema_decay`` asks for one, else the network being trained."""
+        return self.net if self.average is None else self.average.module  # type: ignore[return-value]
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides :attr:`eval_net`'s weights (``checkpoint.save``'s
+        ``state_dict``) so that :meth:`restore` goes on where this run is."""
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
+        if self.average is not None:
+            state["training_state_dict"] = {k: v.detach().to("cpu") for k, v in self.net.state_dict().items()}
+            state["average_steps"] = self.average.steps
+        return state
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        """Go on from a checkpoint this loop wrote: the trained weights, the optimizer and the average."""
+        if self.average is not None and "training_state_dict" not in payload:
+            raise ValueError("optim.ema_decay is set but the checkpoint holds no moving average of the "
+                             "weights: resume a run with the config it was started with")
+        self.net.load_state_dict(payload.get("training_state_dict", payload["state_dict"]))
+        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.average is not None:
+            self.average.load(payload["state_dict"], payload["average_steps"])
 
     def train_epoch(self, epoch: int, chunks: Iterable[Chunk]) -> dict[str, Any]:
         """One epoch's steps over the chunks; the loss is read once, at the end."""
@@ -206,6 +234,8 @@ class TrainingLoop:
                                        autocast_dtype=self.autocast_dtype,
                                        in_batch_negatives=cfg.training.in_batch_negatives, keys=tuple(keys),
                                        new_classes=cfg.pairs.classes_per_class)
+                if self.average is not None:
+                    self.average.update(self.net)
                 steps += 1
                 pairs += left.shape[0]
         return {"loss": float(loss_sum) / max(1, steps), "steps": steps, "pairs": pairs, "pairs_epoch": pairs_epoch}
@@ -237,7 +267,7 @@ class TrainingLoop:
             row: dict[str, Any] = {}
             if self.rank == 0:
                 assert self.validator is not None
-                row = self.validator.evaluate(self.net)
+                row = self.validator.evaluate(self.eval_net)
                 improved = state.stopper.update(epoch, row["val_oneshot_accuracy"])
                 seconds = self.clock() - t0
                 elapsed = resumed_at + self.clock() - started
@@ -459,7 +489,7 @@ def fit(recipe: TrainingRecipe, train: LabelledImages, validation: LabelledImage
     def on_epoch(row: dict[str, Any], state: LoopState) -> None:
         history.append(row)
         if row["improved"]:
-            best["state"] = _cpu_state(net)
+            best["state"] = _cpu_state(loop.eval_net)
         say(f"epoch {row['epoch']:3d}  loss {row['train_loss']:.4f}  val verif {row['val_verification_accuracy']:.4f}  "
             f"val 1-shot {row['val_oneshot_accuracy']:.4f}{' *' if row['improved'] else '  '}  "
             f"best {row['best_val_oneshot_accuracy']:.4f}@{row['best_epoch']}  {row['epoch_seconds']:.1f}s")

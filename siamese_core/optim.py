@@ -4,12 +4,14 @@ Koch et al. give every layer j its own learning rate eta_j (decayed 1% per
 epoch), its own L2 weight decay lambda_j, and a momentum that starts at 0.5 and
 rises linearly to mu_j. One SGD param group per layer expresses all of that
 with the stock optimizer, so checkpoints, schedulers and AMP keep working.
+Beyond the paper, :class:`WeightAverage` keeps a moving average of the weights.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import LAYER_NAMES, OptimizerConfig
 
@@ -63,3 +65,40 @@ def apply_epoch_schedule(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
         group["lr"] = layer_lr_at(cfg, layer, epoch)
         if "momentum" in group:  # SGD's; Adam has its betas
             group["momentum"] = layer_momentum_at(cfg, layer, epoch)
+
+
+class WeightAverage:
+    """A moving average of a network's weights (``optim.ema_decay``), kept by torch's ``AveragedModel``
+    (buffers included, so batch-norm statistics follow the averaged weights).
+
+    After t updates the decay is min(decay, (1 + t) / (10 + t)), TensorFlow's warm-up rule: a short
+    run (a Tune trial of a thousand steps) averages over its recent steps instead of carrying its
+    first weights, and a long one ends at ``decay``. The count stays on the host, so no step waits
+    for the device.
+    """
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.model = AveragedModel(net, multi_avg_fn=self._move, use_buffers=True)
+
+    def _move(self, averaged: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(min(self.decay, (1 + self.steps) / (10 + self.steps)))(averaged, current, count)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    def update(self, net: nn.Module) -> None:
+        """Move the average towards ``net``'s weights (after each optimizer step)."""
+        self.model.update_parameters(net)
+        self.steps += 1
+
+    def load(self, state_dict: dict[str, torch.Tensor], steps: int) -> None:
+        self.model.module.load_state_dict(state_dict)
+        self.model.n_averaged.fill_(int(steps))
+        self.steps = int(steps)
+
+
+def weight_average(net: nn.Module, cfg: OptimizerConfig) -> WeightAverage | None:
+    """The moving average of ``net``'s weights that ``optim.ema_decay`` asks for, or None."""
+    return None if cfg.ema_decay is None else WeightAverage(net, cfg.ema_decay)

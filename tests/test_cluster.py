@@ -200,7 +200,11 @@ def history(stack: Stack, run_id: str, key: str = "val_oneshot_accuracy") -> lis
 
 
 def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
-    """The epoch stored in each complete checkpoint under s3://BUCKET/runs/NAME.
+    return sorted(checkpoints(stack, name))
+
+
+def checkpoints(stack: Stack, name: str) -> dict[int, dict]:
+    """Each complete checkpoint under s3://BUCKET/runs/NAME: its ``model.pt`` payload, by epoch.
 
     Ray Train creates a checkpoint's folder before it uploads ``model.pt``; when
     the store vanishes in between, an empty folder is left that Ray never
@@ -215,7 +219,7 @@ def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
     os.environ.update({k: v for k, v in stack.env.items() if k.startswith("AWS_")})
     try:
         loc = storage.locate(f"s3://{BUCKET}/runs/{name}")
-        epochs = []
+        found = {}
         for info in loc.fs.get_file_info(pafs.FileSelector(loc.path)):
             if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
                 files = [f.base_name for f in loc.fs.get_file_info(pafs.FileSelector(info.path, recursive=True))
@@ -227,8 +231,9 @@ def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
                 local = Path(tempfile.mkdtemp(dir=stack.tmp))
                 pafs.copy_files(info.path, str(local), source_filesystem=loc.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
-                epochs.append(int(ckpt_io.load_payload(str(local))["epoch"]))
-        return sorted(epochs)
+                payload = ckpt_io.load_payload(str(local))
+                found[int(payload["epoch"])] = payload
+        return found
     finally:
         for k, v in saved.items():
             if v is None:
@@ -284,7 +289,7 @@ def spread_run(stack: Stack) -> dict:
     log = stack.tmp / "spread.log"
     started = time.monotonic()
     proc = start_job(stack, train_command("spread", "--set", "cluster.placement_strategy=STRICT_SPREAD",
-                                          epochs=SPREAD_EPOCHS, pairs=1024), log)
+                                          "--set", "optim.ema_decay=0.99", epochs=SPREAD_EPOCHS, pairs=1024), log)
     try:
         # Look the workers up first (a Ray state query takes seconds, and an epoch here ~4 s):
         # the kill must land right after epoch 1's checkpoint, not after the last epoch.
@@ -342,6 +347,11 @@ def test_killed_worker_restores_from_last_checkpoint(stack: Stack, spread_run: d
     # The pair stage drew each epoch's own pairs, also after the restart.
     drawn = history(stack, run.info.run_id, "pairs_epoch")
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
+    # The weights' moving average went on from the checkpoint: it counts every epoch's steps once.
+    steps = {m.step: int(m.value) for m in history(stack, run.info.run_id, "steps")}
+    kept = checkpoints(stack, "spread")
+    assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
+                        for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
     print(f"worker killed after epoch {max(before)}: next epoch logged {recovery_s:.1f}s later; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
 
@@ -375,6 +385,11 @@ def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
     # The resubmitted job's pair stage went on from the restored epoch instead of drawing epoch 0 again.
     drawn = history(stack, run.info.run_id, "pairs_epoch")
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
+    # The weights' moving average went on from the checkpoint: it counts every epoch's steps once.
+    steps = {m.step: int(m.value) for m in history(stack, run.info.run_id, "steps")}
+    kept = checkpoints(stack, "spread")
+    assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
+                        for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
     print(f"driver killed after epoch {max(before)}; resubmitted, next epoch logged "
           f"{min(m.timestamp for m in after) / 1000 - killed_at:.1f}s after the kill; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")

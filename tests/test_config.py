@@ -37,6 +37,7 @@ def test_set_overrides_are_typed() -> None:
     ({"bogus": "1"}, "unknown config key 'bogus'"),
     ({"cluster.workers": "two"}, "cluster.workers"),
     ({"cluster.workers": "0"}, "cluster.workers must be >= 1"),
+    ({"optim.ema_decay": "1"}, "optim.ema_decay must be in (0, 1) or none"),
     ({"optim.lr_multipliers.conv9": "2"}, "unknown layers"),
     ({"optim": "1"}, "section"),
     ({"distort.probability": "1.5"}, "distort.probability"),

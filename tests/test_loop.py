@@ -218,31 +218,45 @@ def _loop(recipe: TrainingRecipe, val: LabelledImages) -> tuple[TrainingLoop, to
     return TrainingLoop(recipe, model, optimizer, "cpu", validator), model
 
 
-def test_a_resumed_run_trains_the_same_epochs_and_counts_its_time_budget() -> None:
-    """Stopped after epoch 1 and resumed from its weights, optimizer and loop state (what a
-    checkpoint holds), a run ends with the weights and metrics of one uninterrupted run."""
+def _with_average(recipe: TrainingRecipe, decay: float | None) -> TrainingRecipe:
+    return dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, ema_decay=decay))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_a_resumed_run_trains_the_same_epochs_and_counts_its_time_budget(tmp_path, ema_decay: float | None) -> None:
+    """Stopped after epoch 1 and resumed from its checkpoint file (what the Ray job writes and
+    reads), a run ends with the weights, moving average and metrics of one uninterrupted run."""
+    from siamese_core import checkpoint as ckpt_io
+
     train, val = _synthetic(seed=0), _synthetic(seed=1)
-    recipe = _recipe(epochs=3)
+    recipe = _with_average(_recipe(epochs=3), ema_decay)
     pairs = MemoryPairs(train, recipe)
     whole, whole_model = _loop(recipe, val)
     rows: list[dict] = []
     whole.run(pairs, on_epoch=lambda row, state: rows.append(row))
 
-    first, first_model = _loop(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, epochs=2)),
-                               val)
+    first, _ = _loop(dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, epochs=2)), val)
     state = first.run(pairs)
-    saved = (first_model.state_dict(), first.optimizer.state_dict(), state.state_dict())
+    ckpt_io.save(tmp_path, first.eval_net, loop=state.state_dict(), **first.resume_state())
+    payload = ckpt_io.load_payload(tmp_path)
     resumed, resumed_model = _loop(recipe, val)
-    resumed_model.load_state_dict(saved[0])
-    resumed.optimizer.load_state_dict(saved[1])
+    resumed.restore(payload)
     later: list[dict] = []
-    resumed.run(pairs, LoopState.from_state_dict(saved[2], recipe.training.patience),
+    resumed.run(pairs, LoopState.from_state_dict(payload["loop"], recipe.training.patience),
                 on_epoch=lambda row, state: later.append(row))
     assert [r["epoch"] for r in later] == [2]
     assert later[0]["train_loss"] == rows[2]["train_loss"]
+    assert later[0]["val_oneshot_accuracy"] == rows[2]["val_oneshot_accuracy"]
     assert later[0]["best_epoch"] == rows[2]["best_epoch"]
     for key, value in whole_model.state_dict().items():
         assert torch.equal(value, resumed_model.state_dict()[key])
+    for key, value in whole.eval_net.state_dict().items():
+        assert torch.equal(value, resumed.eval_net.state_dict()[key])
+    if ema_decay is not None:
+        assert not torch.equal(whole.eval_net.fc.weight, whole_model.fc.weight)  # the average is its own
+        assert resumed.average.steps == whole.average.steps == sum(r["steps"] for r in rows)
+        with pytest.raises(ValueError, match="no moving average"):  # a checkpoint of a run without one
+            resumed.restore({k: v for k, v in payload.items() if k != "training_state_dict"})
     # the budget counts the time before the restart: a run resumed at its budget trains one more epoch
     budget = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, epochs=50, time_budget_s=60.0))
     late, _ = _loop(budget, val)
@@ -250,6 +264,39 @@ def test_a_resumed_run_trains_the_same_epochs_and_counts_its_time_budget() -> No
     late.run(pairs, LoopState(next_epoch=5, elapsed_s=59.99), on_epoch=lambda row, state: stopped.append(row))
     assert [r["epoch"] for r in stopped] == [5] and stopped[0]["stop"] == "time_budget"
     assert stopped[0]["elapsed_seconds"] > 59.99
+
+
+def test_the_moving_average_follows_every_step_and_is_what_is_validated_and_kept() -> None:
+    """``optim.ema_decay``: after each optimizer step the average moves towards the weights, with the
+    decay warming up as min(decay, (1 + t) / (10 + t)); validation scores the average, and ``fit``
+    returns the best epoch's average."""
+    train, val = _synthetic(seed=0), _synthetic(seed=1)
+    decay = 0.5  # reached after 8 of the run's 16 steps
+    recipe = _with_average(_recipe(epochs=2), decay)
+    loop, model = _loop(recipe, val)
+    after_steps: list[dict[str, torch.Tensor]] = []
+    loop.optimizer.register_step_post_hook(
+        lambda *_: after_steps.append({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    validated: list[torch.nn.Module] = []
+    evaluate = loop.validator.evaluate
+    loop.validator.evaluate = lambda net: validated.append(net) or evaluate(net)  # type: ignore[method-assign]
+    loop.run(MemoryPairs(train, recipe))
+    expected = after_steps[0]
+    for t, weights in enumerate(after_steps[1:], start=1):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+    assert len(after_steps) == loop.average.steps == 16
+    for key, value in loop.eval_net.state_dict().items():  # to rounding: 20x below a fixed decay's gap
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-9)
+    assert not torch.equal(loop.eval_net.conv1.weight, model.conv1.weight)
+    assert len(validated) == 2 and all(net is loop.eval_net for net in validated)
+
+    fine = EvaluationConfig(n_way=6, runs_per_group=10, validation_queries_per_run=20)
+    recipe = dataclasses.replace(_with_average(_recipe(epochs=4), 0.9), evaluation=fine)
+    result = fit(recipe, train, val, log=None)
+    accs = [row["val_oneshot_accuracy"] for row in result.history]
+    runs = episodes(val, fine, seed=2015, validation=True)
+    assert evaluate_oneshot(result.model, val, runs, "cpu").accuracy == accs[result.best_epoch]
 
 
 def test_colour_images_train_through_the_same_loop() -> None:

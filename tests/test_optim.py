@@ -1,13 +1,14 @@
-"""Layer-wise SGD: one group per layer, lr decay and momentum ramp per epoch."""
+"""Layer-wise SGD: one group per layer, lr decay and momentum ramp per epoch; the weights' moving average."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from siamese_core.config import LAYER_NAMES, OptimizerConfig
 from siamese_core.model import build_model
-from siamese_core.optim import apply_epoch_schedule, build_optimizer
+from siamese_core.optim import apply_epoch_schedule, build_optimizer, weight_average
 
 
 @pytest.fixture()
@@ -105,3 +106,28 @@ def test_adam_keeps_per_layer_rates_decay_and_l2(model) -> None:
     assert groups["fc"]["weight_decay"] == 0.0 and groups["conv1"]["weight_decay"] == cfg.weight_decay
     with pytest.raises(ValueError, match="optim.algorithm"):
         OptimizerConfig(algorithm="rmsprop")
+
+
+def test_weight_average_warms_up_then_holds_its_decay() -> None:
+    """A weight that is t after update t: the average follows min(decay, (1 + t) / (10 + t)) exactly,
+    starts from the first weights, and can be loaded to go on where it was."""
+    assert weight_average(nn.Linear(1, 1), OptimizerConfig()) is None  # off unless asked for
+    net = nn.Linear(1, 1, bias=False).double()
+    average = weight_average(net, OptimizerConfig(ema_decay=0.75))
+    expected = 0.0
+    for t in range(40):
+        with torch.no_grad():
+            net.weight.fill_(float(t))
+        average.update(net)
+        d = min(0.75, (1 + t) / (10 + t))  # 0.75 from t = 26 on
+        expected = 0.0 if t == 0 else d * expected + (1 - d) * t
+        assert average.module.weight.item() == pytest.approx(expected, rel=1e-12), t
+        if t == 19:  # a copy loaded from this point goes on identically
+            copy = weight_average(net, OptimizerConfig(ema_decay=0.75))
+            copy.load(average.module.state_dict(), average.steps)
+    for t in range(20, 40):
+        with torch.no_grad():
+            net.weight.fill_(float(t))
+        copy.update(net)
+    assert copy.steps == average.steps == 40
+    assert copy.module.weight.item() == pytest.approx(average.module.weight.item(), rel=1e-12)

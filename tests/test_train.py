@@ -26,10 +26,14 @@ def _overrides(small_shards: str, tmp_path: Path, **extra: str) -> dict[str, str
             "tracking.registered_model": "t-siamese", **extra}
 
 
+AVERAGED = {"optim.ema_decay": "0.9"}
+"""The shared run keeps a moving average of its weights: what it validates, keeps and registers is the average."""
+
+
 @pytest.fixture(scope="module")
 def trained(small_shards: str, tmp_path_factory: pytest.TempPathFactory):
     tmp_path = tmp_path_factory.mktemp("train")
-    overrides = _overrides(small_shards, tmp_path)
+    overrides = _overrides(small_shards, tmp_path, **AVERAGED)
     cfg = job_config.build("demo", overrides=overrides)
     summary = train.run(cfg, "demo", overrides)
     return summary, cfg, tmp_path
@@ -47,6 +51,7 @@ def test_one_mlflow_run_with_params_history_and_test_result(trained) -> None:
     assert run.data.params["cluster.workers"] == "2"
     assert run.data.params["model.preset"] == "cpu-medium"
     assert float(run.data.params["optim.lr"]) == cfg.optim.lr
+    assert run.data.params["optim.ema_decay"] == "0.9"
     history = client.get_metric_history(run.info.run_id, "val_oneshot_accuracy")
     assert sorted(m.step for m in history) == [0, 1]
     assert all(0.0 <= m.value <= 1.0 for m in history)
@@ -94,7 +99,11 @@ def test_registered_model_is_the_best_checkpoint(trained) -> None:
     summary, cfg, _ = trained
     registered = load_any("models:/t-siamese/1", tracking_uri=summary["tracking_uri"])
     from_checkpoint = ckpt_io.load_model(summary["checkpoint"])
-    assert ckpt_io.load_payload(summary["checkpoint"])["epoch"] == summary["best_epoch"]
+    payload = ckpt_io.load_payload(summary["checkpoint"])
+    assert payload["epoch"] == summary["best_epoch"]
+    # the checkpoint's weights are the moving average; the trained ones travel beside them to resume
+    assert payload["average_steps"] == 7 * (summary["best_epoch"] + 1)  # 7 steps an epoch (below)
+    assert not torch.equal(payload["state_dict"]["fc.weight"], payload["training_state_dict"]["fc.weight"])
     x = torch.rand(3, 1, cfg.model.input_size, cfg.model.input_size)
     torch.testing.assert_close(registered.embed(x), from_checkpoint.embed(x))
     # the test-time views travel with the model: predict and evaluate score as training did
@@ -109,7 +118,7 @@ def test_a_rerun_with_the_seed_trains_the_same_weights_on_two_workers(trained, s
     and gloo's averaging of the two workers' gradients all repeat: a second run of the same job
     trains the same weights bit for bit (docs/training.md, "Reproducibility")."""
     summary, _, _ = trained
-    overrides = _overrides(small_shards, tmp_path)
+    overrides = _overrides(small_shards, tmp_path, **AVERAGED)
     again = train.run(job_config.build("demo", overrides=overrides), "demo", overrides)
     assert again["best_epoch"] == summary["best_epoch"]
     assert again["best_val_oneshot_accuracy"] == summary["best_val_oneshot_accuracy"]

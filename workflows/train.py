@@ -144,15 +144,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         except (OSError, FileNotFoundError) as exc:
             raise RuntimeError(f"StorageError: could not read the last checkpoint {restored.path} back from "
                                f"{cfg.cluster.storage_path} (is the storage reachable?): {exc}") from exc
-        model.load_state_dict(payload["state_dict"])
         state = LoopState.from_state_dict(payload["loop"], cfg.training.patience)
         if rank == 0:
             log.info("[rank 0] restored epoch %s from %s; training goes on at epoch %s", payload["epoch"],
                      restored.path, state.next_epoch)
     model = ray.train.torch.prepare_model(place_model(model, device, cfg.cluster.channels_last))
     optimizer = build_optimizer(ckpt_io.unwrap(model), cfg.optim)
-    if payload is not None:
-        optimizer.load_state_dict(payload["optimizer"])
     autocast = torch.bfloat16 if device.type == "cuda" and cfg.cluster.mixed_precision else None
 
     worker_nodes = _nodes_in_use()
@@ -166,6 +163,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stream = worker_stream(ray.train.get_dataset_shard("train"), cfg, loop_config["epoch_clock"])
     loop = TrainingLoop(cfg.recipe, model, optimizer, device, validator, rank=rank, world=world,
                         autocast_dtype=autocast, mean_across_ranks=_mean_across_ranks, from_rank0=_broadcast)
+    if payload is not None:
+        loop.restore(payload)  # the weights, optimizer and moving average of the last checkpoint
 
     # The first row after a restore says so: the driver's quiet console (which reads the MLflow
     # run, not the workers' logs) and the run's history then show the restart.
@@ -184,8 +183,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
-                ckpt_io.save(directory, model, optimizer=optimizer.state_dict(), epoch=row["epoch"],
-                             loop=loop_state.state_dict(), metrics=row)
+                ckpt_io.save(directory, loop.eval_net, epoch=row["epoch"], loop=loop_state.state_dict(),
+                             metrics=row, **loop.resume_state())
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(row, checkpoint=checkpoint)
 
