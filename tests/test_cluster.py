@@ -387,7 +387,7 @@ def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
     # The weights' moving average went on from the checkpoint: it counts every epoch's steps once.
     steps = {m.step: int(m.value) for m in history(stack, run.info.run_id, "steps")}
-    kept = checkpoints(stack, "spread")
+    kept = checkpoints(stack, "kill-driver")
     assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
                         for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
     print(f"driver killed after epoch {max(before)}; resubmitted, next epoch logged "
