@@ -202,7 +202,7 @@ class TrainingLoop:
         ``state_dict``) so that :meth:`restore` goes on where this run is."""
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict()}
         if self.average is not None:
-            state["training_state_dict"] = {k: v.detach().to("cpu") for k, v in self.net.state_dict().items()}
+            state["training_state_dict"] = _cpu_state(self.net)
             state["average_steps"] = self.average.steps
         return state
 

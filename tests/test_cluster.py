@@ -199,6 +199,15 @@ def history(stack: Stack, run_id: str, key: str = "val_oneshot_accuracy") -> lis
     return sorted(stack.client().get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
 
+def assert_average_went_on(stack: Stack, run_id: str, name: str) -> None:
+    """The weights' moving average went on from the checkpoint after a restart: every kept
+    checkpoint's step count is the steps of its epochs, each counted once."""
+    steps = {m.step: int(m.value) for m in history(stack, run_id, "steps")}
+    kept = checkpoints(stack, name)
+    assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
+                        for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
+
+
 def checkpoint_epochs(stack: Stack, name: str) -> list[int]:
     return sorted(checkpoints(stack, name))
 
@@ -347,18 +356,14 @@ def test_killed_worker_restores_from_last_checkpoint(stack: Stack, spread_run: d
     # The pair stage drew each epoch's own pairs, also after the restart.
     drawn = history(stack, run.info.run_id, "pairs_epoch")
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
-    # The weights' moving average went on from the checkpoint: it counts every epoch's steps once.
-    steps = {m.step: int(m.value) for m in history(stack, run.info.run_id, "steps")}
-    kept = checkpoints(stack, "spread")
-    assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
-                        for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
+    assert_average_went_on(stack, run.info.run_id, "spread")
     print(f"worker killed after epoch {max(before)}: next epoch logged {recovery_s:.1f}s later; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
 
 
 def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
     log = stack.tmp / "kill-driver.log"
-    command = train_command("kill-driver", epochs=3, pairs=1024)
+    command = train_command("kill-driver", "--set", "optim.ema_decay=0.99", epochs=3, pairs=1024)
     proc = start_job(stack, command, log)
     try:
         wait_for_epoch(stack, "kill-driver", 1, proc, log)
@@ -385,11 +390,7 @@ def test_killed_driver_resumes_when_resubmitted(stack: Stack) -> None:
     # The resubmitted job's pair stage went on from the restored epoch instead of drawing epoch 0 again.
     drawn = history(stack, run.info.run_id, "pairs_epoch")
     assert drawn and all(m.value == m.step for m in drawn), [(m.step, m.value) for m in drawn]
-    # The weights' moving average went on from the checkpoint: it counts every epoch's steps once.
-    steps = {m.step: int(m.value) for m in history(stack, run.info.run_id, "steps")}
-    kept = checkpoints(stack, "kill-driver")
-    assert kept and all(payload["average_steps"] == sum(steps[e] for e in range(epoch + 1))
-                        for epoch, payload in kept.items()), ({e: p["average_steps"] for e, p in kept.items()}, steps)
+    assert_average_went_on(stack, run.info.run_id, "kill-driver")
     print(f"driver killed after epoch {max(before)}; resubmitted, next epoch logged "
           f"{min(m.timestamp for m in after) / 1000 - killed_at:.1f}s after the kill; "
           f"epochs trained twice: {sorted({m.step for m in after} & set(before)) or 'none'}")
