@@ -97,6 +97,7 @@ def bench_step(recipe: TrainingRecipe, device: torch.device, rows: int, copies: 
         same = (torch.rand(rows, device=device, generator=g) > 0.5).float()
         return train_step(step_model, optimizer, pool[idx[0]], pool[idx[1]], same, mask, distort, g,
                           autocast_dtype=autocast, in_batch_negatives=recipe.training.in_batch_negatives,
+                          in_batch_hardest=recipe.training.in_batch_hardest,
                           keys=keys)
 
     for _ in range(warmup):

@@ -232,7 +232,8 @@ class TrainingLoop:
             for left, right, same, mask, *keys in iter_steps(columns, cfg.training.batch_size, generator):
                 loss_sum += train_step(self.model, self.optimizer, left, right, same, mask, distort, generator,
                                        autocast_dtype=self.autocast_dtype,
-                                       in_batch_negatives=cfg.training.in_batch_negatives, keys=tuple(keys),
+                                       in_batch_negatives=cfg.training.in_batch_negatives,
+                                       in_batch_hardest=cfg.training.in_batch_hardest, keys=tuple(keys),
                                        new_classes=cfg.pairs.classes_per_class)
                 if self.average is not None:
                     self.average.update(self.net)

@@ -8,6 +8,7 @@ undistorted pairs plus a per-row flag saying which rows are distorted copies.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,23 @@ def new_class_views(left: torch.Tensor, right: torch.Tensor, kinds: int, generat
     return out_left, out_right, keys
 
 
+def hardest_pairings(losses: torch.Tensor, weight: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``ceil(share * n)`` highest of ``losses`` among those with ``weight`` 1, and their weights.
+
+    Pairings that may not be trained (weight 0) rank below every loss (a loss is >= 0), so they
+    are chosen only when fewer than that many may be trained, and then keep weight 0. One
+    ``topk`` of a fixed size: nothing waits for the device to count the trainable pairings.
+    """
+    k = max(1, math.ceil(share * losses.numel()))
+    ranked, index = torch.where(weight > 0, losses, -1.0).topk(k, sorted=False)
+    return ranked, weight.index_select(0, index)
+
+
 def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.Tensor,
                right: torch.Tensor, same: torch.Tensor, distort_mask: torch.Tensor | None = None,
                distort_cfg: DistortionConfig | None = None, generator: torch.Generator | None = None,
                autocast_dtype: torch.dtype | None = None, in_batch_negatives: float = 0.0,
-               keys: PairKeys | None = None, new_classes: int = 1) -> torch.Tensor:
+               keys: PairKeys | None = None, new_classes: int = 1, in_batch_hardest: float = 1.0) -> torch.Tensor:
     """One SGD step on a batch of pairs; returns the mean BCE loss of the pairs (before the step).
 
     The loss comes back as a detached tensor on the model's device, not a float: reading it
@@ -150,6 +163,8 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     if others is not None and keep is not None:
         weight = keep.float()
         per_pairing = F.binary_cross_entropy_with_logits(others.float(), torch.zeros_like(weight), reduction="none")
+        if in_batch_hardest < 1.0:
+            per_pairing, weight = hardest_pairings(per_pairing, weight, in_batch_hardest)
         total = loss + in_batch_negatives * (per_pairing * weight).sum() / weight.sum().clamp_min(1.0)
     optimizer.zero_grad(set_to_none=True)
     total.backward()

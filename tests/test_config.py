@@ -45,6 +45,8 @@ def test_set_overrides_are_typed() -> None:
     ({"data.decoded_cache_mb": "-1"}, "data.decoded_cache_mb must be >= 0"),
     ({"data.chunk_pairs": "0"}, "data.chunk_pairs must be >= 1"),
     ({"training.in_batch_negatives": "-0.5"}, "training.in_batch_negatives must be >= 0"),
+    ({"training.in_batch_hardest": "0"}, "training.in_batch_hardest must be in .0, 1."),
+    ({"evaluation.validation_runs_multiplier": "0"}, "evaluation.validation_runs_multiplier must be >= 1"),
     ({"model.test_time_shift_px": "-1"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
     ({"model.test_time_shift_px": "17"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
     ({"model.test_time_shift_px": "1.5"}, "model.test_time_shift_px"),

@@ -299,6 +299,18 @@ def test_the_moving_average_follows_every_step_and_is_what_is_validated_and_kept
     assert evaluate_oneshot(result.model, val, runs, "cpu").accuracy == accs[result.best_epoch]
 
 
+def test_more_validation_runs_select_on_more_trials_and_leave_the_test_trials_alone() -> None:
+    val = _synthetic(seed=1)  # 2 groups
+    wide = dataclasses.replace(SMALL_EVALUATION, validation_runs_multiplier=3)
+    assert Validator(val, SMALL_EVALUATION, "cpu").trials == 2 * 2 * 4  # groups x runs x queries
+    validator = Validator(val, wide, "cpu")
+    assert validator.trials == 2 * (3 * 2) * 4
+    assert [r.queries.tolist() for r in validator.runs] == [r.queries.tolist() for r in episodes(val, wide, 2015, True)]
+    test, test_before = episodes(val, wide, 0, validation=False), episodes(val, SMALL_EVALUATION, 0, validation=False)
+    assert [(r.support.tolist(), r.queries.tolist()) for r in test] == \
+        [(r.support.tolist(), r.queries.tolist()) for r in test_before]
+
+
 def test_colour_images_train_through_the_same_loop() -> None:
     train, val = _synthetic(seed=0, channels=3), _synthetic(seed=1, channels=3)
     from siamese_core.config import PreprocessConfig

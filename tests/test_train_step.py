@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from siamese_core.config import DistortionConfig, ModelConfig, OptimizerConfig
 from siamese_core.model import build_model
 from siamese_core.optim import build_optimizer
-from siamese_core.train_step import (in_batch_negative_pairings, indexed_pair_logits, to_model_input, train_step,
-                                     verification_accuracy)
+from siamese_core.train_step import (hardest_pairings, in_batch_negative_pairings, indexed_pair_logits, to_model_input,
+                                     train_step, verification_accuracy)
 
 TINY = ModelConfig(preset="tiny", input_size=28, channels=(4, 8, 8, 16), kernels=(3, 3, 2, 2), embedding_dim=32)
 
@@ -240,6 +242,43 @@ def test_in_batch_negatives_zero_is_the_paper_step_and_positive_changes_it() -> 
         train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=-1.0)
     with pytest.raises(ValueError, match="keys"):
         train_step(build_model(TINY, seed=0), opt, left, right, same, in_batch_negatives=1.0)
+
+
+def test_hardest_pairings_keep_the_highest_trainable_losses() -> None:
+    losses = torch.tensor([0.5, 2.0, 0.1, 3.0, 1.0, 0.0])
+    may_train = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # the highest loss (3.0) may not be trained
+    ranked, weight = hardest_pairings(losses, may_train, 0.5)
+    assert sorted(ranked.tolist()) == [0.5, 1.0, 2.0] and weight.tolist() == [1.0, 1.0, 1.0]
+    ranked, weight = hardest_pairings(losses, torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0]), 0.3)
+    assert sorted(zip(ranked.tolist(), weight.tolist())) == [(-1.0, 0.0), (pytest.approx(0.1), 1.0)]  # too few: the rest weigh 0
+
+
+def test_in_batch_hardest_trains_the_mean_of_the_hardest_pairings_only() -> None:
+    """The step with a share s equals one whose in-batch term is the mean loss of the ceil(s * n)
+    highest-loss trainable pairings, chosen here by a full sort; s = 1 is the plain mean."""
+    left, right, same = separable_pairs(16, TINY.input_size, seed=12)
+    keys = _distinct_keys(16)
+
+    def stepped(share: float | None) -> torch.Tensor:
+        model = build_model(TINY, seed=0)
+        opt = build_optimizer(model, OptimizerConfig(lr=0.05))
+        if share is None:  # the oracle: the same loss, written out
+            i, j, keep = in_batch_negative_pairings(keys)
+            x1, x2 = to_model_input(left, torch.device("cpu")), to_model_input(right, torch.device("cpu"))
+            logits, others = model(x1, x2, (i, j))
+            per = torch.nn.functional.binary_cross_entropy_with_logits(others, torch.zeros_like(others), reduction="none")
+            k = math.ceil(0.25 * per.numel())
+            hardest = per[keep].sort(descending=True).values[:k]
+            total = torch.nn.functional.binary_cross_entropy_with_logits(logits, same) + hardest.mean()
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        else:
+            train_step(model, opt, left, right, same, in_batch_negatives=1.0, keys=keys, in_batch_hardest=share)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.allclose(stepped(0.25), stepped(None), atol=1e-6)
+    assert not torch.allclose(stepped(0.25), stepped(1.0), atol=1e-4)
 
 
 def _which_turn(image: torch.Tensor, original: torch.Tensor) -> int:

@@ -45,6 +45,8 @@ DEFAULT_SPACE: dict[str, Any] = {
     "pairs.distorted_copies": {"int": [0, 2]},
     # Weight of the batch's other pairings trained as "different" (0: the paper's loss).
     "training.in_batch_negatives": {"uniform": [0.0, 2.0]},
+    # Share of them trained: the hardest of each batch (1: all).
+    "training.in_batch_hardest": {"uniform": [0.05, 1.0]},
 }
 
 
