@@ -436,7 +436,8 @@ class EvaluationConfig:
             raise ConfigError(f"this split has {max_n_way} class(es) with images enough for a support and a "
                               "query: one-shot episodes need at least 2; give it more classes")
         n_way = self.n_way or min(20, max_n_way)
-        runs = (self.runs_per_group or (2 if has_groups else 20)) * (self.validation_runs_multiplier if validation else 1)
+        runs = self.runs_per_group or (2 if has_groups else 20)
+        runs *= self.validation_runs_multiplier if validation else 1
         queries = self.validation_queries_per_run if validation else None
         return OneShotConfig(n_way=n_way, runs_per_group=runs, k_shot=self.k_shot,
                              queries_per_run=None if queries is None else min(queries, n_way))
