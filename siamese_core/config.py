@@ -544,6 +544,15 @@ class TrainingConfig:
     """Share of those pairings the term trains: the hardest (highest loss) in each batch; 1.0 all.
     Why: after a few epochs nearly all random "different" pairings are easy, and a mean over
     them carries little signal; the hardest are mined in the batch at no extra embedding."""
+    in_batch_hardest_epochs: int = 0
+    """Epochs over which that share falls linearly from 1.0 (all pairings) to ``in_batch_hardest``;
+    0 starts at the share. Why: from random weights, the hardest pairings alone can drive a net
+    to one constant output on a hard data set (the lions did, at 0.25 from the first step)."""
+
+    def in_batch_share(self, epoch: int) -> float:
+        """The share of the in-batch pairings trained in 0-based ``epoch``."""
+        ramp = min(1.0, epoch / self.in_batch_hardest_epochs) if self.in_batch_hardest_epochs else 1.0
+        return 1.0 - (1.0 - self.in_batch_hardest) * ramp
     compile: bool = False
     """``torch.compile`` the network for training (GPU: fewer kernel launches; its first steps compile)."""
     validation_views: str = "model"
@@ -558,6 +567,8 @@ class TrainingConfig:
                  f"training.in_batch_negatives must be >= 0 (0 turns it off), got {self.in_batch_negatives}")
         _require(0.0 < self.in_batch_hardest <= 1.0,
                  f"training.in_batch_hardest must be in (0, 1], got {self.in_batch_hardest}")
+        _require(self.in_batch_hardest_epochs >= 0,
+                 f"training.in_batch_hardest_epochs must be >= 0, got {self.in_batch_hardest_epochs}")
         _require(self.epochs >= 1, f"training.epochs must be >= 1, got {self.epochs}")
         _require(self.patience >= 1, f"training.patience must be >= 1, got {self.patience}")
         _require(self.batch_size >= 1, f"training.batch_size must be >= 1, got {self.batch_size}")
@@ -640,7 +651,8 @@ DEMO_DEFAULTS = TrainingRecipe(
     distort=DistortionConfig(),
     pairs=PairConfig(pairs_per_epoch=10_000, distorted_copies=0),
     training=TrainingConfig(epochs=200, patience=40, batch_size=32, seed=0, time_budget_s=480.0,
-                            in_batch_negatives=1.0, in_batch_hardest=0.25, validation_views="single"),
+                            in_batch_negatives=1.0, in_batch_hardest=0.25, in_batch_hardest_epochs=4,
+                            validation_views="single"),
     evaluation=EvaluationConfig(validation_runs_multiplier=4),
 )
 """The CPU demo's recipe: what trains best in 480 s on 2 cores, chosen on validation only.
@@ -654,7 +666,8 @@ lr 0.08 and decay 0.96, slow enough that the net still learns at the end of the 
 the data set's new classes (``pairs.new_classes``: Omniglot's characters turned); a moving
 average of the weights over about 2,000 steps (6 epochs), which settles what that rate leaves
 noisy; in-batch negatives, for more training signal per image embedded, of which only the
-hardest quarter is trained, since the rest are easy; test-time views, which the small net
+hardest quarter is trained, since the rest are easy, reached over 4 epochs, since from random
+weights the hardest alone can stall a net at one output (the lions' did); test-time views, which the small net
 needs at 35 px; selection on one view, since it only ranks epochs, and on 4x Koch's runs
 (1,280 trials), since on 320 a lucky early epoch can win; patience 40, because an epoch here
 is 10,000 pairs against the paper's 270,000 rows.

@@ -222,6 +222,7 @@ class TrainingLoop:
         apply_epoch_schedule(self.optimizer, cfg.optim, epoch)
         generator = epoch_generator(cfg.training.seed, epoch, self.rank, self.device)
         distort = cfg.distort if cfg.pairs.distorted_copies > 0 else None
+        hardest = cfg.training.in_batch_share(epoch)
         loss_sum = torch.zeros((), device=self.device)
         steps = pairs = 0
         pairs_epoch = -1
@@ -233,7 +234,7 @@ class TrainingLoop:
                 loss_sum += train_step(self.model, self.optimizer, left, right, same, mask, distort, generator,
                                        autocast_dtype=self.autocast_dtype,
                                        in_batch_negatives=cfg.training.in_batch_negatives,
-                                       in_batch_hardest=cfg.training.in_batch_hardest, keys=tuple(keys),
+                                       in_batch_hardest=hardest, keys=tuple(keys),
                                        new_classes=cfg.pairs.classes_per_class)
                 if self.average is not None:
                     self.average.update(self.net)

@@ -46,6 +46,7 @@ def test_set_overrides_are_typed() -> None:
     ({"data.chunk_pairs": "0"}, "data.chunk_pairs must be >= 1"),
     ({"training.in_batch_negatives": "-0.5"}, "training.in_batch_negatives must be >= 0"),
     ({"training.in_batch_hardest": "0"}, "training.in_batch_hardest must be in .0, 1."),
+    ({"training.in_batch_hardest_epochs": "-1"}, "training.in_batch_hardest_epochs must be >= 0"),
     ({"evaluation.validation_runs_multiplier": "0"}, "evaluation.validation_runs_multiplier must be >= 1"),
     ({"model.test_time_shift_px": "-1"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
     ({"model.test_time_shift_px": "17"}, "model.test_time_shift_px must be an integer in .0, 17. .0 turns"),
@@ -86,3 +87,12 @@ def test_placement_strategy_is_validated() -> None:
                             ).cluster.placement_strategy == "STRICT_SPREAD"
     with pytest.raises(ConfigError, match="cluster.placement_strategy"):
         job_config.build("demo", overrides={"cluster.placement_strategy": "SCATTER"})
+
+
+def test_the_in_batch_share_ramps_linearly_to_the_hardest_share() -> None:
+    from siamese_core.config import TrainingConfig
+
+    ramped = TrainingConfig(in_batch_hardest=0.25, in_batch_hardest_epochs=4)
+    assert [ramped.in_batch_share(e) for e in range(6)] == [1.0, 0.8125, 0.625, 0.4375, 0.25, 0.25]
+    assert TrainingConfig(in_batch_hardest=0.25).in_batch_share(0) == 0.25
+    assert TrainingConfig().in_batch_share(7) == 1.0

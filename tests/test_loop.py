@@ -311,6 +311,24 @@ def test_more_validation_runs_select_on_more_trials_and_leave_the_test_trials_al
         [(r.support.tolist(), r.queries.tolist()) for r in test_before]
 
 
+def test_the_share_of_hardest_in_batch_pairings_falls_over_its_epochs(monkeypatch) -> None:
+    from siamese_core import loop as loop_module
+
+    shares: list[float] = []
+    real_step = loop_module.train_step
+
+    def recording_step(*args, **kwargs):
+        shares.append(kwargs["in_batch_hardest"])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", recording_step)
+    train, val = _synthetic(seed=0), _synthetic(seed=1)
+    recipe = _recipe(epochs=4, in_batch_negatives=1.0, in_batch_hardest=0.5, in_batch_hardest_epochs=2)
+    fit(recipe, train, val, log=None)
+    assert sorted(set(shares), reverse=True) == [1.0, 0.75, 0.5]  # epochs 0, 1, then 2 and 3
+    assert shares == sorted(shares, reverse=True) and shares.count(0.5) == len(shares) // 2
+
+
 def test_colour_images_train_through_the_same_loop() -> None:
     train, val = _synthetic(seed=0, channels=3), _synthetic(seed=1, channels=3)
     from siamese_core.config import PreprocessConfig
