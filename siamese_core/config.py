@@ -548,11 +548,6 @@ class TrainingConfig:
     """Epochs over which that share falls linearly from 1.0 (all pairings) to ``in_batch_hardest``;
     0 starts at the share. Why: from random weights, the hardest pairings alone can drive a net
     to one constant output on a hard data set (the lions did, at 0.25 from the first step)."""
-
-    def in_batch_share(self, epoch: int) -> float:
-        """The share of the in-batch pairings trained in 0-based ``epoch``."""
-        ramp = min(1.0, epoch / self.in_batch_hardest_epochs) if self.in_batch_hardest_epochs else 1.0
-        return 1.0 - (1.0 - self.in_batch_hardest) * ramp
     compile: bool = False
     """``torch.compile`` the network for training (GPU: fewer kernel launches; its first steps compile)."""
     validation_views: str = "model"
@@ -579,6 +574,11 @@ class TrainingConfig:
         _require(self.validation_views in VALIDATION_VIEWS,
                  f"training.validation_views must be one of {VALIDATION_VIEWS}, got {self.validation_views!r}")
         _require(self.threads is None or self.threads >= 1, f"training.threads must be >= 1, got {self.threads}")
+
+    def in_batch_share(self, epoch: int) -> float:
+        """The share of the in-batch pairings trained in 0-based ``epoch``."""
+        ramp = min(1.0, epoch / self.in_batch_hardest_epochs) if self.in_batch_hardest_epochs else 1.0
+        return 1.0 - (1.0 - self.in_batch_hardest) * ramp
 
 
 MINING_POLICIES: tuple[str, ...] = ("random", "mined")
@@ -667,10 +667,10 @@ the data set's new classes (``pairs.new_classes``: Omniglot's characters turned)
 average of the weights over about 2,000 steps (6 epochs), which settles what that rate leaves
 noisy; in-batch negatives, for more training signal per image embedded, of which only the
 hardest quarter is trained, since the rest are easy, reached over 4 epochs, since from random
-weights the hardest alone can stall a net at one output (the lions' did); test-time views, which the small net
-needs at 35 px; selection on one view, since it only ranks epochs, and on 4x Koch's runs
-(1,280 trials), since on 320 a lucky early epoch can win; patience 40, because an epoch here
-is 10,000 pairs against the paper's 270,000 rows.
+weights the hardest alone can stall a net at one output (the lions' did); test-time views,
+which the small net needs at 35 px; selection on one view, since it only ranks epochs, and on
+4x Koch's runs (1,280 trials), since on 320 a lucky early epoch can win; patience 40, because
+an epoch here is 10,000 pairs against the paper's 270,000 rows.
 """
 
 PAPER_RECIPE = TrainingRecipe(model=MODEL_PRESETS["koch"],
