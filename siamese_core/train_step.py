@@ -134,8 +134,8 @@ def train_step(model: SiameseNet, optimizer: torch.optim.Optimizer, left: torch.
     adds that weight times the mean BCE of the batch's other pairings
     (:func:`in_batch_negative_pairings`, which needs the pairs' ``keys``) labelled
     "different"; 0 is the paper's loss; ``in_batch_hardest`` < 1 trains only that share of
-    them, the highest-loss ones (:func:`hardest_pairings`). ``new_classes`` > 1 trains each pair as one of that
-    many turned or mirrored classes (:func:`new_class_views`; 1: as it is).
+    them, the highest-loss ones (:func:`hardest_pairings`). ``new_classes`` > 1 trains each
+    pair as one of that many turned or mirrored classes (:func:`new_class_views`; 1: as it is).
     """
     if in_batch_negatives < 0:
         raise ValueError(f"in_batch_negatives must be >= 0, got {in_batch_negatives}")
